@@ -1,0 +1,48 @@
+"""The contract between the engine and the patch modules in ``patches/``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+
+class Refusal(Exception):
+    """The source does not have the shape a patch expects; nothing may be written."""
+
+    def __init__(self, reason: str, lines: tuple[int, ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.lines = lines  # 1-based line numbers of the candidates, for file:line reports
+
+
+class LegacyPatched(Refusal):
+    """The source carries the edits of the old text-based patch script."""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """What a patch made of one file: the new source and anything the user should be told."""
+
+    source: str
+    notes: tuple[str, ...] = ()
+
+
+Options = Mapping[str, str]
+RewriteFn = Callable[[str, Options], Rewrite]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patch: pure ``source -> source`` functions plus the data the engine needs.
+
+    ``rewrite`` must be idempotent (its own output comes back unchanged) and raise
+    ``Refusal`` for any shape it does not recognise.  ``adopt_legacy`` turns a file
+    edited by the old script back into the pre-legacy source, or raises ``Refusal``.
+    """
+
+    id: str
+    description: str
+    targets: tuple[str, ...]
+    rewrite: RewriteFn
+    adopt_legacy: Callable[[str], str] | None = None
+    default: bool = True
+    option_names: tuple[str, ...] = ()
