@@ -1,12 +1,18 @@
-"""The known patches, in the order they are applied (revert walks it backwards)."""
+"""The known patches, in the order they are applied; revert walks it backwards.
+
+Modules load lazily, so that ``status`` on an applied tree never imports LibCST.
+"""
 from __future__ import annotations
 
-from totopatch.spec import Patch
+from totopatch.spec import PatchRef
 
-from . import compile_mode, kv_cache
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-PATCHES: tuple[Patch, ...] = (kv_cache.PATCH, compile_mode.PATCH)
+PATCHES: tuple[PatchRef, ...] = (
+    PatchRef("kv-cache", "kv_cache", ("util", "util_optimized")),
+    PatchRef("compile-mode", "compile_mode", ("backtest",)),
+)
 
 
-def by_id(patch_id: str) -> Patch | None:
+def by_id(patch_id: str) -> PatchRef | None:
     return next((p for p in PATCHES if p.id == patch_id), None)

@@ -46,3 +46,21 @@ class Patch:
     adopt_legacy: Callable[[str], str] | None = None
     default: bool = True
     option_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PatchRef:
+    """What the fast paths need to know of a patch without importing it (and LibCST)."""
+
+    id: str
+    module: str
+    targets: tuple[str, ...]
+    default: bool = True
+
+    def load(self) -> Patch:
+        import importlib
+
+        patch: Patch = importlib.import_module(f"totopatch.patches.{self.module}").PATCH
+        if (patch.id, patch.targets) != (self.id, self.targets):
+            raise RuntimeError(f"patch module {self.module} does not match its registry entry")
+        return patch

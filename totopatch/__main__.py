@@ -1,0 +1,3 @@
+from totopatch.cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""The click CLI: a thin layer that builds a Context, calls the engine and turns reports into exit codes."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from . import __version__, engine, manifest as mf
+from .engine import Code, Context, Report
+from .layout import LayoutError, locate, state_dir_for
+from .patches import COMPILE_MODES, PATCHES
+from .render import as_json, as_text
+
+
+@dataclass(frozen=True)
+class Where:
+    root: Path
+    installed: bool
+    backtest: Path | None
+    state_dir: Path | None
+
+    def context(self) -> Context:
+        state = state_dir_for(self.root, self.state_dir) if self.root.is_dir() else None
+        recorded = None
+        if state is not None:
+            try:
+                recorded = mf.load(state / "manifest.json").toto_dir
+            except mf.StateError as exc:
+                _die(Code.STATE, str(exc))
+        try:
+            layout = locate(self.root, self.installed, self.backtest, self.state_dir, recorded)
+        except LayoutError as exc:
+            _die(Code.USAGE, str(exc))
+        return Context(layout, backups_in_state=self.state_dir is not None)
+
+
+def _die(code: Code, message: str) -> NoReturn:
+    click.echo(f"totopatch: error: {message}", err=True)
+    sys.exit(int(code))
+
+
+def _finish(report: Report, as_json_output: bool, show_diff: bool = False) -> NoReturn:
+    if as_json_output:
+        click.echo(as_json(report))
+    else:
+        text = as_text(report, show_diff)
+        if text:
+            click.echo(text)
+        if report.error:
+            click.echo(f"totopatch: error: {report.error}", err=True)
+    sys.exit(int(report.code))
+
+
+def _selected(ids: tuple[str, ...]) -> list:
+    try:
+        return engine.select(PATCHES, ids)
+    except engine.Abort as exc:
+        _die(exc.code, str(exc))
+
+
+json_option = click.option("--json", "as_json_output", is_flag=True, help="Print a JSON report (schema in README).")
+patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="totopatch")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Project root: holds the Toto tree, the backtest script and .totopatch/.")
+@click.option("--installed", is_flag=True, help="Patch the toto package that `import toto` resolves to.")
+@click.option("--backtest", type=click.Path(path_type=Path), default=None,
+              help="Backtest script [default: <root>/backtest_test3_inline.py].")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the manifest and backups here instead of <root>/.totopatch.")
+@click.pass_context
+def main(ctx: click.Context, root: Path, installed: bool, backtest: Path | None, state_dir: Path | None) -> None:
+    """Safe, reversible patches that make Toto fast under torch.compile."""
+    ctx.obj = Where(root, installed, backtest, state_dir)
+
+
+@main.command("list")
+def list_patches() -> None:
+    """List the known patches."""
+    for ref in PATCHES:
+        patch = ref.load()
+        default = "" if ref.default else "  [opt-in]"
+        click.echo(f"{ref.id:<14} {', '.join(ref.targets):<22} {patch.description}{default}")
+
+
+@main.command()
+@patch_ids
+@click.option("--dry-run", is_flag=True, help="Print the unified diff; write nothing.")
+@click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="reduce-overhead", show_default=True,
+              help="The Toto loader's new default compile mode.")
+@click.option("--adopt-legacy", is_flag=True, help="Take over files edited by the old text-based script.")
+@json_option
+@click.pass_obj
+def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode: str, adopt_legacy: bool,
+          as_json_output: bool) -> None:
+    """Apply all default patches, or only those named."""
+    refs = _selected(patch_ids)
+    report = engine.apply(where.context(), refs, {"compile_mode": compile_mode}, dry_run=dry_run,
+                          adopt_legacy=adopt_legacy)
+    _finish(report, as_json_output, show_diff=dry_run)
+
+
+@main.command()
+@patch_ids
+@click.option("--check", is_flag=True, help="Exit 1 unless every selected patch is applied and intact.")
+@json_option
+@click.pass_obj
+def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output: bool) -> None:
+    """Show what is applied, drifted, missing or in conflict. Never writes."""
+    report = engine.status(where.context(), _selected(patch_ids))
+    if check and not report.code and any(i.state not in engine.GOOD_STATES for i in report.items):
+        report.code = Code.NOT_DESIRED
+    _finish(report, as_json_output)
+
+
+@main.command()
+@patch_ids
+@click.option("--smoke", is_flag=True, help="Also compile the patched Toto and run a forecast (CPU, or CUDA if present).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the smoke test runs.")
+@json_option
+@click.pass_obj
+def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, as_json_output: bool) -> None:
+    """Prove the applied patches: structure, hashes, backups and, with --smoke, a compile test."""
+    context = where.context()
+    report = engine.verify(context, _selected(patch_ids))
+    if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
+        report = engine.attach_smoke(context, report, device)
+    _finish(report, as_json_output)
+
+
+@main.command()
+@patch_ids
+@click.option("--dry-run", is_flag=True, help="Print what would be restored; write nothing.")
+@click.option("--force", is_flag=True, help="Restore the original even over edits in the patched region "
+              "(your version is saved aside first).")
+@json_option
+@click.pass_obj
+def revert(where: Where, patch_ids: tuple[str, ...], dry_run: bool, force: bool, as_json_output: bool) -> None:
+    """Undo recorded changes in reverse order, restoring the exact original bytes."""
+    ids = patch_ids or tuple(p.id for p in PATCHES)
+    report = engine.revert(where.context(), _selected(ids), dry_run=dry_run, force=force)
+    _finish(report, as_json_output, show_diff=dry_run or bool(report.error))
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the throwaway workspace and print where it is.")
+def demo(keep: bool) -> None:
+    """Run apply, status, verify and revert on a throwaway copy of the installed toto-ts."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(click.echo, keep))

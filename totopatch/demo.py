@@ -1,0 +1,65 @@
+"""`totopatch demo`: the whole cycle on a throwaway copy of the installed toto-ts."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from . import engine
+from .layout import installed_toto, locate
+from .patches import PATCHES
+from .render import as_text
+
+
+def build_workspace(folder: Path) -> Path:
+    """A project with a nested Toto checkout (copied from site-packages) and the sample backtest."""
+    source = installed_toto()
+    if source is None:
+        raise engine.Abort(engine.Code.USAGE, "toto-ts is not installed: pip install --no-deps toto-ts (see README)")
+    shutil.copytree(source / "toto", folder / "toto" / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    sample = resources.files("totopatch").joinpath("data/sample_backtest.py.txt").read_bytes()
+    (folder / "backtest_test3_inline.py").write_bytes(sample)
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".totopatch" not in p.parts}
+
+
+def run_demo(echo: Callable[[str], None], keep: bool = False) -> int:
+    folder = Path(tempfile.mkdtemp(prefix="totopatch-demo-"))
+    try:
+        build_workspace(folder)
+        ctx = engine.Context(locate(folder))
+        before = _snapshot(folder)
+        refs = engine.select(PATCHES, ())
+        steps = [
+            ("apply --dry-run", lambda: engine.apply(ctx, refs, {}, dry_run=True), True),
+            ("apply", lambda: engine.apply(ctx, refs, {}), False),
+            ("apply (again: nothing to do)", lambda: engine.apply(ctx, refs, {}), False),
+            ("status", lambda: engine.status(ctx, refs), False),
+            ("verify", lambda: engine.verify(ctx, refs), False),
+            ("revert", lambda: engine.revert(ctx, refs), False),
+            ("status", lambda: engine.status(ctx, refs), False),
+        ]
+        echo(f"workspace: {folder} (Toto from the installed toto-ts, sample backtest script)")
+        for title, step, diff in steps:
+            report = step()
+            echo(f"\n$ totopatch {title}\n{as_text(report, diff)}")
+            if report.code:
+                echo(f"demo failed at `{title}`: {report.error or 'exit ' + str(int(report.code))}")
+                return int(report.code)
+        same = _snapshot(folder) == before
+        echo(f"\nrevert restored every file byte for byte: {'yes' if same else 'NO'}")
+        return 0 if same else 1
+    except engine.Abort as exc:
+        echo(f"totopatch: error: {exc}")
+        return int(exc.code)
+    finally:
+        if keep:
+            echo(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,154 @@
+"""File handling that never leaves a half-written file: hashes, atomic writes, the lock."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import signal
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+TMP_PREFIX = ".totopatch-tmp-"
+
+
+class LockedError(Exception):
+    """Another totopatch run holds the lock."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str | None:
+    """The file's hash, or None where there is no file."""
+    try:
+        return sha256(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def crash_point(name: str) -> None:
+    """Test hook: die with SIGKILL here when TOTOPATCH_TEST_CRASH_AT names this point."""
+    if os.environ.get("TOTOPATCH_TEST_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write via a temp file in the same folder, fsync, then os.replace; keep the file mode.
+
+    A symlink is written through: the file it points to changes and the link stays a link.
+    """
+    real = Path(os.path.realpath(path))
+    if mode is None:
+        try:
+            mode = stat.S_IMODE(real.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o644
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=real.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if os.environ.get("TOTOPATCH_TEST_CRASH_AT") == "mid-write":
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                crash_point("mid-write")
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(real.parent)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files that a killed run left in ``folder``."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in folder.iterdir():
+            if entry.name.startswith(TMP_PREFIX):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def clear_bytecode(path: Path) -> None:
+    """Drop cached bytecode of ``path`` so the next import compiles the current source."""
+    real = Path(os.path.realpath(path))
+    cache = real.parent / "__pycache__"
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for pyc in cache.glob(f"{real.stem}.*.pyc"):
+            with contextlib.suppress(FileNotFoundError):
+                pyc.unlink()
+
+
+def writable(path: Path) -> bool:
+    """Whether ``path`` (or, where absent, its nearest existing parent folder) can be written."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return os.access(probe, os.W_OK)
+
+
+def is_hardlinked(path: Path) -> bool:
+    try:
+        return Path(os.path.realpath(path)).stat().st_nlink > 1
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class Lock:
+    """An exclusive flock on ``<state>/lock``; the kernel frees it when the holder dies."""
+
+    path: Path
+    fd: int = -1
+    stale_pid: int | None = None
+
+    def acquire(self) -> "Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = -1
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise LockedError(f"{self.path}: locked by another totopatch run (pid {holder})") from None
+            raise
+        previous = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+        self.stale_pid = int(previous) if previous.isdigit() else None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Lock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

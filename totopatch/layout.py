@@ -1,0 +1,133 @@
+"""Where the files are: the Toto tree, the backtest script and the state folder."""
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class LayoutError(Exception):
+    """No Toto tree where the user pointed us."""
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    key: str
+    base: str  # "toto" or "root"
+    path: str  # relative to the base; the backtest path is filled in by Layout
+    optional: bool
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "util": TargetSpec("util", "toto", "toto/model/util.py", False),
+    "util_optimized": TargetSpec("util_optimized", "toto", "toto/model/util_optimized.py", True),
+    "attention": TargetSpec("attention", "toto", "toto/model/attention.py", False),
+    "backtest": TargetSpec("backtest", "root", "backtest_test3_inline.py", True),
+}
+
+LAYOUTS = ("<root>/toto/toto/model/util.py (project with a nested Toto checkout)",
+           "<root>/toto/model/util.py (Toto checkout root or site-packages)")
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    base: str
+    rel: str
+    path: Path
+    optional: bool
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    toto_parent: Path
+    backtest_rel: str
+    state_dir: Path
+    found_by: str
+
+    def base_dir(self, base: str) -> Path:
+        return {"toto": self.toto_parent, "root": self.root, "state": self.state_dir}[base]
+
+    def target(self, key: str) -> Target:
+        spec = TARGETS[key]
+        rel = self.backtest_rel if key == "backtest" else spec.path
+        return Target(key, spec.base, rel, self.base_dir(spec.base) / rel, spec.optional)
+
+    def key_for(self, base: str, rel: str) -> str:
+        """The target key of a recorded file, or the file itself where no key matches."""
+        return next((k for k in TARGETS if (self.target(k).base, self.target(k).rel) == (base, rel)), rel)
+
+    def resolve(self, base: str, rel: str) -> Path:
+        return self.base_dir(base) / rel
+
+    def display(self, path: Path) -> str:
+        try:
+            return os.path.relpath(path, Path.cwd())
+        except ValueError:
+            return str(path)
+
+
+def locate(
+    root: Path,
+    installed: bool = False,
+    backtest: Path | None = None,
+    state_dir: Path | None = None,
+    recorded_toto: str | None = None,
+) -> Layout:
+    """Find the Toto tree for ``root``; raise LayoutError naming the layouts looked for."""
+    if not root.is_dir():
+        raise LayoutError(f"{root}: --root is not a directory")
+    root = root.resolve()
+    state = (state_dir or root / ".totopatch").absolute()
+    toto_parent, how = _find_toto(root, installed, recorded_toto)
+    return Layout(root, toto_parent, _backtest_rel(root, backtest), state, how)
+
+
+def state_dir_for(root: Path, state_dir: Path | None) -> Path:
+    return (state_dir or root.resolve() / ".totopatch").absolute()
+
+
+def _find_toto(root: Path, installed: bool, recorded: str | None) -> tuple[Path, str]:
+    if installed:
+        found = installed_toto()
+        if found is None:
+            raise LayoutError("--installed: no 'toto' package is importable in this Python environment")
+        return found, "installed package"
+    for parent, how in ((root / "toto", "nested Toto checkout"), (root, "Toto checkout or site-packages")):
+        if (parent / "toto" / "model" / "util.py").is_file():
+            return parent, how
+    if recorded and (Path(recorded) / "toto" / "model" / "util.py").is_file():
+        return Path(recorded), "recorded in the manifest"
+    raise LayoutError(f"{root}: no Toto tree found; looked for {' and '.join(LAYOUTS)}; "
+                      "use --root DIR or --installed")
+
+
+def installed_toto() -> Path | None:
+    """The folder holding the ``toto`` package that ``import toto`` would load, found without importing it."""
+    spec = importlib.machinery.PathFinder.find_spec("toto")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).resolve().parent
+
+
+def _backtest_rel(root: Path, backtest: Path | None) -> str:
+    if backtest is None:
+        return TARGETS["backtest"].path
+    absolute = Path(os.path.realpath(Path(backtest).absolute().parent)) / Path(backtest).name
+    rel = os.path.relpath(absolute, root)
+    if rel.startswith(".."):
+        raise LayoutError(f"{backtest}: --backtest must lie inside --root {root} "
+                          "(the manifest records paths relative to it)")
+    return Path(rel).as_posix()
+
+
+def toto_version(toto_parent: Path) -> str | None:
+    """The toto-ts version installed beside the package, read from its dist-info, if any."""
+    for meta in sorted(toto_parent.glob("toto_ts-*.dist-info/METADATA")):
+        match = re.search(r"^Version: (\S+)$", meta.read_text(errors="replace"), re.M)
+        if match:
+            return match.group(1)
+    return None

@@ -1,0 +1,53 @@
+"""Decode Python source bytes to text and back without changing a single byte."""
+from __future__ import annotations
+
+import codecs
+import io
+import tokenize
+from dataclasses import dataclass
+
+_BOM = codecs.BOM_UTF8
+
+
+class SourceError(Exception):
+    """The file is not Python source totopatch can read."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Text as the patches see it, plus what is needed to turn it back into the same bytes."""
+
+    text: str
+    encoding: str
+    bom: bool
+
+    def encode(self, text: str) -> bytes:
+        data = text.encode(self.encoding)
+        return _BOM + data if self.bom else data
+
+
+def decode(data: bytes) -> Source:
+    """Split off a UTF-8 BOM and decode by the PEP 263 cookie; line endings stay as they are."""
+    bom = data.startswith(_BOM)
+    body = data[len(_BOM):] if bom else data
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(body).readline)
+        if encoding == "utf-8-sig":
+            encoding = "utf-8"
+        text = body.decode(encoding)
+    except (SyntaxError, LookupError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot decode as Python source ({exc.__class__.__name__}: {exc})") from None
+    source = Source(text, encoding, bom)
+    if source.encode(text) != data:
+        raise SourceError(f"does not round-trip through {encoding}")
+    return source
+
+
+def check_syntax(text: str, filename: str) -> None:
+    """Raise SourceError if ``text`` is not valid Python."""
+    try:
+        compile(text, filename, "exec", dont_inherit=True, flags=0x400)  # ast.PyCF_ONLY_AST
+    except (SyntaxError, ValueError) as exc:
+        line = getattr(exc, "lineno", None)
+        where = f" at line {line}" if line else ""
+        raise SourceError(f"is not valid Python{where}: {getattr(exc, 'msg', exc)}") from None
