@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from totopatch.cli import main
+from totopatch.layout import installed_toto
+
+SAMPLE_BACKTEST = resources.files("totopatch").joinpath("data/sample_backtest.py.txt").read_bytes()
+
+
+def installed_toto_package() -> Path:
+    """The installed toto package (tests patch copies of it, never the venv itself)."""
+    parent = installed_toto()
+    assert parent is not None, "toto-ts must be installed: pip install --no-deps toto-ts"
+    return parent / "toto"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A user project: a nested Toto checkout copied from site-packages plus the sample backtest."""
+    root = tmp_path / "project"
+    shutil.copytree(installed_toto_package(), root / "toto" / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "backtest_test3_inline.py").write_bytes(SAMPLE_BACKTEST)
+    return root
+
+
+@dataclass
+class Ran:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under root with its bytes, mode and mtime (state folder and bytecode excluded)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and ".totopatch" not in path.parts and "__pycache__" not in path.parts:
+            st = path.stat()
+            out[str(path.relative_to(root))] = (path.read_bytes(), st.st_mode, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def cli():
+    def run(root: Path, *args: str) -> Ran:
+        result = CliRunner().invoke(main, ["--root", str(root), *args], catch_exceptions=False)
+        return Ran(result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _no_crash_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOTOPATCH_TEST_CRASH_AT", raising=False)
+    monkeypatch.chdir(os.getcwd())
