@@ -613,10 +613,28 @@ def _recover(ctx: Context, report: Report) -> mf.Manifest:
     if not journal:
         return manifest
     recovered = mf.replay(manifest, journal, _current_hashes(ctx, journal))
+    for path in _orphan_backups(ctx, recovered, journal):
+        _io(lambda: path.unlink(missing_ok=True))
+        report.notes.append(f"removed {ctx.layout.display(path)}, a backup made by an interrupted apply")
     _io(lambda: mf.save(ctx.manifest_path, recovered))
     _io(lambda: ctx.journal_path.unlink())
     report.notes.append("finished recording a run that was interrupted")
     return recovered
+
+
+def _orphan_backups(ctx: Context, manifest: mf.Manifest, journal: list[mf.JournalItem]) -> list[Path]:
+    """Backups an interrupted apply created for changes it never made."""
+    kept = {(e.backup_base, e.backup) for e in manifest.entries}
+    orphans = []
+    for item in journal:
+        entry = item.entry
+        if item.op != "add" or not entry.backup_created or (entry.backup_base, entry.backup) in kept:
+            continue
+        path = ctx.layout.resolve(entry.backup_base, entry.backup)
+        data = _read(path)
+        if data is not None and sha256(data) == entry.backup_sha256:
+            orphans.append(path)
+    return orphans
 
 
 def _commit(ctx: Context, report: Report, changes: list[Change], manifest: mf.Manifest) -> Report:
@@ -687,9 +705,10 @@ def _preflight_writes(ctx: Context, changes: list[Change]) -> None:
         if change.new == change.old:
             continue
         real = Path(os.path.realpath(change.path))
-        for probe, what in ((real, "target file is read-only"), (real.parent, "folder is not writable")):
+        for probe, what in ((real, "target file is read-only"), (real.parent, "its folder is not writable")):
             if not _can_write(probe):
-                raise Abort(Code.PERMISSION, f"{change.path}: {what} (permission denied); nothing was changed")
+                raise Abort(Code.PERMISSION, f"{change.path}: {what} (permission denied); nothing was changed; "
+                            "patch a copy you own, or keep backups and manifest elsewhere with --state-dir DIR")
 
 
 def _can_write(path: Path) -> bool:

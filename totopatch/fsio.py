@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,13 @@ def file_sha256(path: Path) -> str | None:
 
 
 def crash_point(name: str) -> None:
-    """Test hook: die with SIGKILL here when TOTOPATCH_TEST_CRASH_AT names this point."""
+    """Test hook at a named step: TOTOPATCH_TEST_CRASH_AT=name dies with SIGKILL there,
+    TOTOPATCH_TEST_PAUSE_AT=name:seconds sleeps there (to make two runs overlap)."""
     if os.environ.get("TOTOPATCH_TEST_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    pause, _, seconds = os.environ.get("TOTOPATCH_TEST_PAUSE_AT", "").partition(":")
+    if pause == name:
+        time.sleep(float(seconds or 1))
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
