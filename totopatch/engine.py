@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import errno
 import os
 import stat
 from dataclasses import dataclass, field, replace
@@ -692,10 +691,10 @@ def _rollback(undo: list[tuple[Path, bytes | None]]) -> None:
 
 
 def _io_failure(exc: BaseException) -> tuple[Code, str]:
+    """A failure part-way through writing is always the I/O code: by now everything is rolled back."""
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
-        code = Code.PERMISSION if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else Code.IO
-        return code, f"{where}write failed ({exc.strerror or exc}); every file was rolled back"
+        return Code.IO, f"{where}write failed ({exc.strerror or exc}); every file was rolled back"
     return Code.IO, f"write failed ({exc.__class__.__name__}: {exc}); every file was rolled back"
 
 
