@@ -1,0 +1,222 @@
+"""Make Toto's KV cache compile-friendly: a marked subclass block right after the cache class.
+
+The cache class is found by structure (a ``@dataclass`` with Toto's fields and methods), not by
+name, so forks that rename it (``KVCacheOptimized``) or rewrote its bodies still match.  After
+it goes the block of ``totopatch/data/kv_cache_template.py.txt``: ``KVCacheCompileFriendly``
+subclasses it, keeps host-side ints for the write heads and the layer map, runs its reads and
+writes under ``torch.compiler.disable`` and returns contiguous keys/values; the original name
+is then rebound to it, so ``from ..model.util import KVCache`` gets the new class.  Everything
+outside the block stays byte for byte.  A marked block that differs from the template is
+replaced (a note says so).  Files edited by the old text-based script raise ``LegacyPatched``;
+``adopt_legacy`` removes exactly its lines.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
+
+NEW_CLASS = "KVCacheCompileFriendly"
+BEGIN, END = "# totopatch kv-cache: begin", "# totopatch kv-cache: end"
+_BASE = "__KVCACHE_BASE__"
+FIELDS = frozenset({"batch_size", "num_variates", "transformer_layers", "num_layers", "embed_dim", "num_heads",
+                    "max_seq_len", "device", "dtype", "use_memory_efficient_attention",
+                    "_keys", "_values", "_current_idx", "_layer_cache_map"})
+METHODS = {"__post_init__": 1, "__getitem__": 2, "current_len": 2, "seq_len": 2, "append": 3, "reset": 1}
+_DATACLASS = m.Decorator(decorator=m.Name("dataclass") | m.Attribute(attr=m.Name("dataclass"))
+                         | m.Call(func=m.Name("dataclass") | m.Attribute(attr=m.Name("dataclass"))))
+_IMPORT_TORCH = m.SimpleStatementLine(body=[m.Import(names=[m.ZeroOrMore(), m.ImportAlias(
+    name=m.Name("torch"), asname=None), m.ZeroOrMore()])])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a top-level class declares: its fields, methods (with arity) and anything else."""
+
+    node: cst.ClassDef
+    index: int
+    line: int
+    fields: frozenset[str]
+    methods: dict[str, int]
+    others: int
+
+    @property
+    def is_candidate(self) -> bool:
+        return len(self.methods.keys() & METHODS.keys() - {"__post_init__"}) >= 3 or {"_keys", "_values"} <= self.fields
+
+    def mismatch(self) -> str | None:
+        """Why this class is not Toto's cache, or None when it is."""
+        name = self.node.name.value
+        if not any(m.matches(d, _DATACLASS) for d in self.node.decorators):
+            return f"class {name} is not a @dataclass"
+        if missing := sorted(FIELDS - self.fields) + sorted(METHODS.keys() - self.methods.keys()):
+            return f"class {name} lacks {', '.join(missing)}"
+        if extra := sorted(self.fields - FIELDS) + sorted(self.methods.keys() - METHODS.keys()):
+            return f"class {name} has members this patch does not know: {', '.join(extra)}"
+        if bad := sorted(k for k, n in METHODS.items() if self.methods[k] != n):
+            return f"class {name}: unexpected parameters in {', '.join(bad)}"
+        return f"class {name} has statements other than fields and methods" if self.others else None
+
+
+def _shape(node: cst.ClassDef, index: int, line: int) -> Shape:
+    fields, methods, others = set(), {}, 0
+    for stmt in node.body.body:
+        if isinstance(stmt, cst.FunctionDef):
+            methods[stmt.name.value] = len(stmt.params.params)
+        elif m.matches(stmt, m.SimpleStatementLine(body=[m.AnnAssign(target=m.Name())])):
+            fields.add(stmt.body[0].target.value)
+        elif not m.matches(stmt, m.SimpleStatementLine(body=[m.Expr(m.SimpleString()) | m.Pass()])):
+            others += 1
+    return Shape(node, index, line, frozenset(fields), methods, others)
+
+
+def _block_span(body: list[cst.BaseStatement], line: Callable[[int], int]) -> range:
+    """Indices of the marked block's statements (empty when the module has none)."""
+    begins = [i for i, s in enumerate(body) if any(ln.comment and ln.comment.value.startswith(BEGIN)
+                                                   for ln in s.leading_lines)]
+    ends = [i for i, s in enumerate(body) if isinstance(s, cst.SimpleStatementLine)
+            and s.trailing_whitespace.comment and s.trailing_whitespace.comment.value.startswith(END)]
+    if not begins and not ends:
+        return range(0)
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise Refusal("damaged kv-cache block: its begin/end markers do not pair up", tuple(map(line, begins + ends)))
+    return range(begins[0], ends[0] + 1)
+
+
+def _find_cache(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> Shape:
+    """The one KV cache class of the module, or a Refusal naming the candidates."""
+    shapes = [_shape(s, i, line(i)) for i, s in enumerate(body) if isinstance(s, cst.ClassDef) and i not in skip]
+    candidates = [s for s in shapes if s.is_candidate]
+    found = [s for s in candidates if s.mismatch() is None]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = ", ".join(s.node.name.value for s in found)
+        raise Refusal(f"ambiguous: {len(found)} KV cache classes ({names})", tuple(s.line for s in found))
+    if candidates:
+        raise Refusal(f"no KV cache class of the known shape: {candidates[0].mismatch()}",
+                      tuple(s.line for s in candidates))
+    raise Refusal("no KV cache class: expected a @dataclass with Toto's KVCache fields and methods")
+
+
+@functools.cache
+def _template() -> str:
+    return resources.files("totopatch").joinpath("data/kv_cache_template.py.txt").read_text(encoding="utf-8")
+
+
+def _block(base: str) -> list[cst.BaseStatement]:
+    """The template's statements for a cache class named ``base``, two blank lines before the first."""
+    parsed = cst.parse_module(_template().replace(_BASE, base))
+    first, *rest = parsed.body
+    lead = [cst.EmptyLine(), cst.EmptyLine(), *parsed.header, *first.leading_lines]
+    return [first.with_changes(leading_lines=lead), *rest]
+
+
+def _check_names(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> None:
+    if not any(m.matches(s, _IMPORT_TORCH) for s in body):
+        raise Refusal("the module has no top-level `import torch`, which the compile-friendly cache needs")
+    clash = [i for i, s in enumerate(body) if i not in skip and m.findall(s, m.Name(NEW_CLASS))]
+    if clash:
+        raise Refusal(f"the module already uses the name {NEW_CLASS} outside a kv-cache block",
+                      tuple(map(line, clash)))
+
+
+def rewrite(source: str, options: Options) -> Rewrite:
+    _refuse_legacy(source)
+    try:
+        wrapper = MetadataWrapper(cst.parse_module(source))
+    except cst.ParserSyntaxError as exc:
+        raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
+    module, positions = wrapper.module, wrapper.resolve(PositionProvider)
+    body = list(module.body)
+
+    def line(index: int) -> int:
+        return positions[body[index]].start.line
+
+    span = _block_span(body, line)
+    cache = _find_cache(body, line, span)
+    _check_names(body, line, span)
+    if span and span.start != cache.index + 1:
+        raise Refusal(f"the kv-cache block is not right after class {cache.node.name.value}",
+                      (cache.line, line(span.start)))
+    block = _block(cache.node.name.value)
+    if [module.code_for_node(s) for s in body[span.start:span.stop]] == [module.code_for_node(s) for s in block]:
+        return Rewrite(source)
+    notes = ("replaced a kv-cache block written by another totopatch version",) if span else ()
+    body[cache.index + 1:cache.index + 1 + len(span)] = block
+    return Rewrite(module.with_changes(body=body).code, notes)
+
+
+# ---------------------------------------------------------------- the old text-based script
+
+_LEGACY_MARK = re.compile(r"^[ \t]*(?:from[ \t]+[.\w]*util_compile_friendly[ \t]+import\b"
+                          r"|if[ \t]+_COMPILE_FRIENDLY_AVAILABLE[ \t]*:)", re.MULTILINE)
+# The script inserted, after the last import: a blank line, (its "# PATCH: ..." comment,) the
+# try/except block; with the comment it also left a blank line after the block (a list element
+# ending in a newline, then "\n".join).  At the end it appended a blank line, (a comment,) the alias.
+_LEGACY_IMPORT = re.compile(
+    r"(?:(?<=\n)|\A)(?P<nl>\r?\n)(?P<header>#[^\r\n]*(?P=nl))?try:(?P=nl)"
+    r"[ \t]+from[ \t]+[.\w]*util_compile_friendly[ \t]+import[ \t]+KVCacheCompileFriendly[ \t]+as[ \t]+"
+    r"_KVCacheCompileFriendly[ \t]*(?P=nl)(?:(?P=nl))?"
+    r"[ \t]+_COMPILE_FRIENDLY_AVAILABLE[ \t]*=[ \t]*True[ \t]*(?P=nl)"
+    r"except[ \t]+ImportError[ \t]*:(?P=nl)[ \t]+_COMPILE_FRIENDLY_AVAILABLE[ \t]*=[ \t]*False[ \t]*(?P=nl)")
+_LEGACY_ALIAS = re.compile(
+    r"(?P<nl>\r?\n)(?P=nl)(?:#[^\r\n]*(?P=nl))?if[ \t]+_COMPILE_FRIENDLY_AVAILABLE[ \t]*:(?P=nl)"
+    r"[ \t]+KVCache[ \t]*=[ \t]*_KVCacheCompileFriendly[ \t]*(?P=nl)\Z")
+
+
+def _legacy_lines(source: str) -> tuple[int, ...]:
+    return tuple(source.count("\n", 0, hit.start()) + 1 for hit in _LEGACY_MARK.finditer(source))
+
+
+def _refuse_legacy(source: str) -> None:
+    if lines := _legacy_lines(source):
+        raise LegacyPatched("util_compile_friendly import or `if _COMPILE_FRIENDLY_AVAILABLE:` alias "
+                            f"at line {', '.join(map(str, lines))}", lines)
+
+
+def adopt_legacy(source: str) -> str:
+    """The file as it was before the old script: its import block and its alias removed, or a Refusal."""
+    alias = _LEGACY_ALIAS.search(source)
+    if alias is None:
+        raise Refusal("the `if _COMPILE_FRIENDLY_AVAILABLE:` alias is not the file's last statement "
+                      "in the form the old script appended", _legacy_lines(source))
+    text = source[:alias.start()]
+    blocks = list(_LEGACY_IMPORT.finditer(text))
+    if len(blocks) != 1:
+        raise Refusal(f"expected one legacy import block in the old script's form, found {len(blocks)}",
+                      _legacy_lines(text))
+    start, end = blocks[0].span()
+    if blocks[0]["header"]:
+        if text.startswith(blocks[0]["nl"], end):
+            end += len(blocks[0]["nl"])
+        elif end == len(text) and text.endswith(blocks[0]["nl"], 0, start):
+            start -= len(blocks[0]["nl"])
+        else:
+            raise Refusal("the legacy import block lost the blank line the old script left after it",
+                          _legacy_lines(text))
+    cleaned = text[:start] + text[end:]
+    if _legacy_lines(cleaned):
+        raise Refusal("more legacy lines than the old script wrote", _legacy_lines(cleaned))
+    try:
+        compile(cleaned, "<pre-legacy>", "exec", dont_inherit=True, flags=0x400)
+    except (SyntaxError, ValueError) as exc:
+        raise Refusal(f"removing the legacy lines leaves invalid Python ({exc.msg})", (exc.lineno or 0,)) from None
+    return cleaned
+
+
+PATCH = Patch(
+    id="kv-cache",
+    description="Make Toto's KVCache compile-friendly: no .item() syncs, graph breaks before cache reads and writes",
+    targets=("util", "util_optimized"),
+    rewrite=rewrite,
+    adopt_legacy=adopt_legacy,
+)
