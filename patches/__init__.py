@@ -10,6 +10,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 PATCHES: tuple[PatchRef, ...] = (
     PatchRef("kv-cache", "kv_cache", ("util", "util_optimized")),
+    PatchRef("sdpa-causal", "sdpa_causal", ("attention",)),
     PatchRef("compile-mode", "compile_mode", ("backtest",)),
 )
 
