@@ -1,0 +1,128 @@
+"""The engine on real Toto trees: all patches, legacy files, installed copies, reinstalls."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import installed_toto_package, snapshot
+
+LEGACY_IMPORT = """
+try:
+    from .util_compile_friendly import KVCacheCompileFriendly as _KVCacheCompileFriendly
+
+    _COMPILE_FRIENDLY_AVAILABLE = True
+except ImportError:
+    _COMPILE_FRIENDLY_AVAILABLE = False
+"""
+LEGACY_TAIL = """
+
+if _COMPILE_FRIENDLY_AVAILABLE:
+    KVCache = _KVCacheCompileFriendly
+"""
+
+
+def legacy_edit(original: str) -> str:
+    """What the old text-based script did to util.py: an import block after the last import, an alias at the end."""
+    anchor = "from ..model.attention import TimeWiseMultiheadAttention\n"
+    assert anchor in original
+    return original.replace(anchor, anchor + LEGACY_IMPORT, 1) + LEGACY_TAIL
+
+
+def util(project: Path) -> Path:
+    return project / "toto" / "toto" / "model" / "util.py"
+
+
+def test_list_names_every_patch(project, cli) -> None:
+    ran = cli(project, "list")
+    assert ran.exit_code == 0
+    assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "compile-mode"]
+
+
+def test_apply_all_status_verify_revert(project, cli) -> None:
+    before = snapshot(project)
+    ran = cli(project, "apply")
+    assert ran.exit_code == 0, ran.stderr
+    states = {(i["patch"], i["target"]): i["state"] for i in json.loads(cli(project, "status", "--json").stdout)["items"]}
+    assert states == {("kv-cache", "util"): "applied", ("kv-cache", "util_optimized"): "not-present",
+                      ("sdpa-causal", "attention"): "applied", ("compile-mode", "backtest"): "applied"}
+    assert cli(project, "status", "--check").exit_code == 0
+    assert cli(project, "verify").exit_code == 0
+    assert cli(project, "revert").exit_code == 0
+    assert {k: v[:2] for k, v in snapshot(project).items()} == {k: v[:2] for k, v in before.items()}
+
+
+def test_status_says_which_copy_import_toto_resolves_to(project, cli) -> None:
+    cli(project, "apply", "kv-cache")
+    ran = cli(project, "status", "kv-cache")
+    assert "warning: `import toto` resolves to" in ran.stdout and "not the patched copy" in ran.stdout
+
+
+def test_legacy_file_is_recognised_and_refused(project, cli) -> None:
+    original = util(project).read_text()
+    util(project).write_text(legacy_edit(original))
+    (util(project).parent / "util.py.backup").write_text(original)
+    assert "legacy" in cli(project, "status", "kv-cache").stdout
+    ran = cli(project, "apply", "kv-cache")
+    assert ran.exit_code == 3 and "--adopt-legacy" in ran.stderr
+
+
+@pytest.mark.parametrize("with_backup", [True, False], ids=["legacy-backup", "no-backup"])
+def test_adopted_legacy_file_reverts_to_the_pre_legacy_original(project, cli, with_backup) -> None:
+    original = util(project).read_bytes()
+    legacy = legacy_edit(original.decode())
+    util(project).write_text(legacy)
+    if with_backup:
+        (util(project).parent / "util.py.backup").write_bytes(original)
+    ran = cli(project, "apply", "kv-cache", "--adopt-legacy")
+    assert ran.exit_code == 0 and "adopted" in ran.stdout
+    assert "_COMPILE_FRIENDLY_AVAILABLE" not in util(project).read_text()
+    entry = json.loads((project / ".totopatch" / "manifest.json").read_text())["entries"][0]
+    assert (project / ".totopatch" / entry["legacy_backup"]).read_text() == legacy
+    assert cli(project, "revert", "kv-cache").exit_code == 0
+    assert util(project).read_bytes() == original
+    assert (util(project).parent / "util.py.backup").exists() == with_backup
+
+
+def site_packages_copy(tmp_path: Path, version: str = "0.2.0") -> Path:
+    site = tmp_path / "site"
+    shutil.copytree(installed_toto_package(), site / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    meta = site / f"toto_ts-{version}.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: toto-ts\nVersion: {version}\n")
+    return site
+
+
+def run_installed(site: Path, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "--installed", *args],
+                          capture_output=True, text=True, env=env)
+
+
+def test_installed_package_is_found_without_importing_it(tmp_path) -> None:
+    site, project = site_packages_copy(tmp_path), tmp_path / "proj"
+    project.mkdir()
+    ran = run_installed(site, project, "apply", "kv-cache")
+    assert ran.returncode == 0, ran.stderr
+    assert "KVCacheCompileFriendly" in (site / "toto" / "model" / "util.py").read_text()
+    status = run_installed(site, project, "status", "kv-cache")
+    assert "applied" in status.stdout and "resolves to the patched copy" in status.stdout
+
+
+def test_reinstalled_toto_is_reported_as_replaced(tmp_path) -> None:
+    site, project = site_packages_copy(tmp_path), tmp_path / "proj"
+    project.mkdir()
+    original = (site / "toto" / "model" / "util.py").read_bytes()
+    assert run_installed(site, project, "apply", "kv-cache").returncode == 0
+    (site / "toto" / "model" / "util.py").write_bytes(original)
+    (site / "toto_ts-0.2.0.dist-info").rename(site / "toto_ts-0.1.4.dist-info")
+    meta = site / "toto_ts-0.1.4.dist-info" / "METADATA"
+    meta.write_text(meta.read_text().replace("0.2.0", "0.1.4"))
+    status = run_installed(site, project, "status", "kv-cache")
+    assert "replaced" in status.stdout and "toto-ts 0.2.0, now 0.1.4" in status.stdout
+    assert run_installed(site, project, "verify", "kv-cache").returncode == 1
