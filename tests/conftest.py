@@ -31,6 +31,18 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def patched_toto(tmp_path: Path) -> Path:
+    """The folder holding a copy of the installed toto package whose util.py has the kv-cache patch."""
+    from totopatch.patches import kv_cache
+
+    parent = tmp_path / "patched"
+    shutil.copytree(installed_toto_package(), parent / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    util = parent / "toto" / "model" / "util.py"
+    util.write_bytes(kv_cache.rewrite(util.read_bytes().decode(), {}).source.encode())
+    return parent
+
+
 @dataclass
 class Ran:
     exit_code: int
