@@ -3,12 +3,16 @@
 The cache class is found by structure (a ``@dataclass`` with Toto's fields and methods), not by
 name, so forks that rename it (``KVCacheOptimized``) or rewrote its bodies still match.  After
 it goes the block of ``totopatch/data/kv_cache_template.py.txt``: ``KVCacheCompileFriendly``
-subclasses it, keeps host-side ints for the write heads and the layer map, runs its reads and
-writes under ``torch.compiler.disable`` and returns contiguous keys/values; the original name
-is then rebound to it, so ``from ..model.util import KVCache`` gets the new class.  Everything
-outside the block stays byte for byte.  A marked block that differs from the template is
-replaced (a note says so).  Files edited by the old text-based script raise ``LegacyPatched``;
-``adopt_legacy`` removes exactly its lines.
+subclasses it and keeps the write heads and the layer map as host-side ints, so dynamo traces
+every cache read and write (no ``.item()``, no graph break) and a buffer of another length is a
+dynamic size, not a recompile; ``reset`` runs eagerly.  The original name is then rebound to
+it, so ``from ..model.util import KVCache`` gets the new class.  Everything outside the block
+stays byte for byte.  A marked block that differs from the template is replaced (a note says so).
+Files edited by the old text-based script raise ``LegacyPatched``; ``adopt_legacy`` removes
+exactly its lines.
+
+Pair it with ``sdpa-causal``: with upstream's SymBool ``is_causal`` every decode step still
+breaks the graph in each layer, and the per-layer frames that follow recompile per layer.
 """
 from __future__ import annotations
 
