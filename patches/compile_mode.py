@@ -28,10 +28,11 @@ _TOTO_ENV_LOOKUP = m.Call(
 
 @dataclass(frozen=True)
 class Site:
-    """One default literal of the loader, and where it stands."""
+    """One default literal of the loader, the statement holding it and the path down to that."""
 
     literal: cst.SimpleString
-    line: int
+    statement: cst.SimpleStatementLine
+    path: tuple[cst.CSTNode, ...]
     function: str
 
 
@@ -64,82 +65,101 @@ def _strip_fallback_default(value: cst.BaseExpression, env_names: set[str]) -> c
     return operands[1] if m.matches(operands[0], stripped) else None
 
 
-class _FindSites(m.MatcherDecoratableVisitor):
-    """Collect the loader's default literals, per function."""
-
-    METADATA_DEPENDENCIES = (PositionProvider,)
+class _FindSites(cst.CSTVisitor):
+    """Collect the default literals of assignments inside functions; never descends into expressions."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self.path: list[cst.CSTNode] = []
         self.functions: list[str] = []
-        self.env_sites: list[tuple[Site, str]] = []
+        self.env_sites: list[Site] = []
         self.strip_sites: list[Site] = []
         self._env_names: dict[str, set[str]] = {}
 
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        self.functions.append(node.name.value)
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        self.path.append(node)
+        if isinstance(node, cst.FunctionDef):
+            self.functions.append(node.name.value)
+        if isinstance(node, cst.SimpleStatementLine):
+            if self.functions:
+                for stmt in node.body:
+                    if isinstance(stmt, cst.Assign):
+                        self._assign(stmt, node)
+            return False
+        return not isinstance(node, cst.BaseExpression)
 
-    def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
-        self.functions.pop()
+    def on_leave(self, original_node: cst.CSTNode) -> None:
+        self.path.pop()
+        if isinstance(original_node, cst.FunctionDef):
+            self.functions.pop()
 
-    def visit_Assign(self, node: cst.Assign) -> None:
-        if not self.functions or len(node.targets) != 1 or not isinstance(node.targets[0].target, cst.Name):
+    def _assign(self, node: cst.Assign, statement: cst.SimpleStatementLine) -> None:
+        if len(node.targets) != 1 or not isinstance(node.targets[0].target, cst.Name):
             return
         name, function = node.targets[0].target.value, self.functions[-1]
         if (literal := _env_chain_default(node.value)) is not None:
-            self.env_sites.append((self._site(literal, function), name))
+            self.env_sites.append(Site(literal, statement, tuple(self.path), function))
             self._env_names.setdefault(function, set()).add(name)
         elif (literal := _strip_fallback_default(node.value, self._env_names.get(function, set()))) is not None:
-            self.strip_sites.append(self._site(literal, function))
-
-    def _site(self, literal: cst.SimpleString, function: str) -> Site:
-        return Site(literal, self.get_metadata(PositionProvider, literal).start.line, function)
+            self.strip_sites.append(Site(literal, statement, tuple(self.path), function))
 
 
 class _SetLiterals(cst.CSTTransformer):
+    """Rewrite the given literals, walking only the paths that lead to them."""
+
     def __init__(self, sites: list[Site], mode: str) -> None:
-        self.targets = {id(s.literal) for s in sites}
+        self.on_path = {id(node) for site in sites for node in site.path}
+        self.literals = {id(site.literal) for site in sites}
         self.mode = mode
 
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        return id(node) in self.on_path or isinstance(node, (cst.BaseExpression, cst.Assign))
+
     def leave_SimpleString(self, original_node: cst.SimpleString, updated_node: cst.SimpleString) -> cst.SimpleString:
-        if id(original_node) not in self.targets:
+        if id(original_node) not in self.literals:
             return updated_node
         quote = original_node.quote
         return updated_node.with_changes(value=f"{original_node.prefix}{quote}{self.mode}{quote}")
 
 
-def _find(wrapper: MetadataWrapper) -> list[Site]:
-    """The two default literals of the one Toto loader, or a Refusal naming the candidates."""
+def _line_of(module: cst.Module, targets: list[cst.CSTNode]) -> list[int]:
+    """Line numbers of the given nodes (metadata is costly, so only for refusals and notes)."""
+    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
+    positions = wrapper.resolve(PositionProvider)
+    return [positions[node].start.line for node in targets]
+
+
+def _find(module: cst.Module) -> list[Site]:
+    """The default literals of the one Toto loader, or a Refusal naming the candidates."""
     finder = _FindSites()
-    wrapper.visit(finder)
-    loaders = sorted({s.function for s, _ in finder.env_sites})
+    module.visit(finder)
+    loaders = sorted({s.function for s in finder.env_sites})
     if not loaders:
         raise Refusal("no Toto loader found: expected `os.getenv(\"...TOTO...\") or ... or \"<mode>\"` in a function")
     if len(loaders) > 1:
         raise Refusal(f"ambiguous: TOTO compile-mode defaults in several functions ({', '.join(loaders)})",
-                      tuple(s.line for s, _ in finder.env_sites))
-    sites = [s for s, _ in finder.env_sites] + [s for s in finder.strip_sites if s.function == loaders[0]]
-    for site in sites:
-        if site.literal.evaluated_value not in MODES:
-            raise Refusal(f"loader default {site.literal.value} is not a known compile mode", (site.line,))
+                      tuple(_line_of(module, [s.literal for s in finder.env_sites])))
+    sites = finder.env_sites + [s for s in finder.strip_sites if s.function == loaders[0]]
+    unknown = [s.literal for s in sites if s.literal.evaluated_value not in MODES]
+    if unknown:
+        raise Refusal(f"loader default {unknown[0].value} is not a known compile mode", tuple(_line_of(module, unknown)))
     return sites
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
     mode = options.get("compile_mode", DEFAULT_MODE)
     try:
-        wrapper = MetadataWrapper(cst.parse_module(source))
+        module = cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
         raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
-    sites = _find(wrapper)
+    sites = _find(module)
     stale = [s for s in sites if s.literal.evaluated_value != mode]
     if not stale:
         return Rewrite(source)
     notes = ()
     if len(stale) < len(sites):
-        lines = ", ".join(str(s.line) for s in stale)
+        lines = ", ".join(map(str, _line_of(module, [s.literal for s in stale])))
         notes = (f"finished a half-switched loader: only line {lines} still had the old default",)
-    return Rewrite(wrapper.module.visit(_SetLiterals(stale, mode)).code, notes)
+    return Rewrite(module.visit(_SetLiterals(stale, mode)).code, notes)
 
 
 PATCH = Patch(

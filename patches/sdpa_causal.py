@@ -14,7 +14,6 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
-_SDPA = m.Call(func=m.Name("scaled_dot_product_attention"))
 _CAUSAL_ARG = m.Arg(keyword=m.Name("is_causal"))
 _SYMBOLIC = m.BooleanOperation(
     left=m.Comparison(left=m.Name("attention_mask"), comparisons=[m.ComparisonTarget(operator=m.Is(), comparator=m.Name("None"))]),
@@ -24,24 +23,24 @@ _SYMBOLIC = m.BooleanOperation(
 _PLAIN = m.IfExp(test=_SYMBOLIC, body=m.Name("True"), orelse=m.Name("False"))
 
 
-class _FindCausalArgs(m.MatcherDecoratableVisitor):
-    METADATA_DEPENDENCIES = (PositionProvider,)
-
+class _FindCausalArgs(cst.CSTVisitor):
     def __init__(self) -> None:
-        super().__init__()
         self.symbolic: list[cst.Arg] = []
         self.plain: list[cst.Arg] = []
-        self.other: list[int] = []
+        self.other: list[cst.Arg] = []
 
-    @m.visit(m.Call(func=m.Name("scaled_dot_product_attention"), args=[m.ZeroOrMore(), _CAUSAL_ARG, m.ZeroOrMore()]))
-    def visit_sdpa(self, node: cst.Call) -> None:
-        arg = next(a for a in node.args if m.matches(a, _CAUSAL_ARG))
-        if m.matches(arg.value, _SYMBOLIC):
-            self.symbolic.append(arg)
-        elif m.matches(arg.value, _PLAIN):
-            self.plain.append(arg)
-        elif not m.matches(arg.value, m.Name("False") | m.Name("True")):
-            self.other.append(self.get_metadata(PositionProvider, arg).start.line)
+    def visit_Call(self, node: cst.Call) -> None:
+        if not m.matches(node.func, m.Name("scaled_dot_product_attention")):
+            return
+        for arg in node.args:
+            if not m.matches(arg, _CAUSAL_ARG):
+                continue
+            if m.matches(arg.value, _SYMBOLIC):
+                self.symbolic.append(arg)
+            elif m.matches(arg.value, _PLAIN):
+                self.plain.append(arg)
+            elif not m.matches(arg.value, m.Name("False") | m.Name("True")):
+                self.other.append(arg)
 
 
 class _MakePlain(cst.CSTTransformer):
@@ -59,20 +58,21 @@ class _MakePlain(cst.CSTTransformer):
 
 def rewrite(source: str, options: Options) -> Rewrite:
     try:
-        wrapper = MetadataWrapper(cst.parse_module(source))
+        module = cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
         raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
     finder = _FindCausalArgs()
-    wrapper.visit(finder)
+    module.visit(finder)
     if finder.other:
+        positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
         raise Refusal("scaled_dot_product_attention gets an is_causal expression this patch does not know",
-                      tuple(finder.other))
+                      tuple(positions[arg].start.line for arg in finder.other))
     if len(finder.symbolic) + len(finder.plain) != 1:
         raise Refusal(f"expected one SDPA call with is_causal=(attention_mask is None and seq_pos_offset == 0), "
                       f"found {len(finder.symbolic) + len(finder.plain)}")
     if not finder.symbolic:
         return Rewrite(source)
-    return Rewrite(wrapper.module.visit(_MakePlain(finder.symbolic)).code)
+    return Rewrite(module.visit(_MakePlain(finder.symbolic)).code)
 
 
 PATCH = Patch(

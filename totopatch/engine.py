@@ -14,7 +14,7 @@ from .fsio import LockedError, Lock, atomic_write, clear_bytecode, crash_point, 
 from .layout import Layout, Target, installed_toto, toto_version
 from .merge import three_way, unified
 from .patches import by_id
-from .spec import LegacyPatched, Patch, PatchRef, Refusal
+from .spec import LegacyPatched, Patch, PatchRef, Refusal, Rewrite
 from .textio import SourceError, check_syntax, decode
 
 
@@ -132,9 +132,10 @@ def _text(path: Path, data: bytes) -> tuple[str, Callable[[str], bytes]]:
     return source.text, source.encode
 
 
-def _rewrite(patch: Patch, path: Path, text: str, options: Mapping[str, str]) -> str:
+def _rewrite(patch: Patch, path: Path, text: str, options: Mapping[str, str]) -> Rewrite:
     """Run the patch; its output must parse and be a fixed point of the patch."""
-    new = patch.rewrite(text, options).source
+    result = patch.rewrite(text, options)
+    new = result.source
     if new != text:
         try:
             check_syntax(new, str(path))
@@ -142,7 +143,7 @@ def _rewrite(patch: Patch, path: Path, text: str, options: Mapping[str, str]) ->
             raise Abort(Code.REFUSED, f"{path}: patch {patch.id} produced invalid output ({exc}); nothing written")
         if patch.rewrite(new, options).source != new:
             raise Abort(Code.REFUSED, f"{path}: patch {patch.id} is not stable on its own output; nothing written")
-    return new
+    return result
 
 
 def _refusal_detail(path: Path, exc: Refusal, display: str) -> str:
@@ -300,20 +301,20 @@ def _plan_apply(ctx: Context, manifest: mf.Manifest, patch: Patch, target: Targe
     text, encode = _text(target.path, data)
     legacy: bytes | None = None
     try:
-        new_text = _rewrite(patch, target.path, text, options)
+        result = _rewrite(patch, target.path, text, options)
     except LegacyPatched as exc:
         if not adopt_legacy or patch.adopt_legacy is None:
             return replace(item, state="legacy", detail=f"patched by the legacy script ({exc.reason}); "
                            "rerun with --adopt-legacy to take it over"), None
         legacy, data, text = data, *_pre_legacy(patch, target, text, encode)
-        new_text = _rewrite(patch, target.path, text, options)
+        result = _rewrite(patch, target.path, text, options)
     except Refusal as exc:
         return replace(item, state="conflict", detail=_refusal_detail(target.path, exc, display)), None
+    new_text = result.source
     if new_text == text and legacy is None:
         return _plan_unrecorded(ctx, patch, target, item, data, text, options)
     new = encode(new_text)
-    notes = patch.rewrite(text, options).notes
-    detail = "; ".join(("adopted the legacy script's file",) * (legacy is not None) + notes)
+    detail = "; ".join(("adopted the legacy script's file",) * (legacy is not None) + result.notes)
     change = _change(ctx, patch, target, data, new, options, legacy, pending)
     return replace(item, state="applied", detail=detail, diff=unified(text, new_text, display)), change
 
