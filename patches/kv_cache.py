@@ -71,7 +71,9 @@ class Shape:
 
 
 def _shape(node: cst.ClassDef, index: int, line: int) -> Shape:
-    fields, methods, others = set(), {}, 0
+    fields: set[str] = set()
+    methods: dict[str, int] = {}
+    others = 0
     for stmt in node.body.body:
         if isinstance(stmt, cst.FunctionDef):
             methods[stmt.name.value] = len(stmt.params.params)
