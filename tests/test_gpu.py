@@ -29,5 +29,5 @@ def test_patched_toto_compiles_in_reduce_overhead_without_recompiles(project, cl
     assert result["recompiles_after_warmup"] == 0 and result["recompile_limit_hits"] == 0
     assert result["graph_breaks"] == 0
     assert result["outputs_match"]
-    assert result.get("cudagraph_skips", 0) == 0
+    assert result["cudagraph_skips"] == 0
     assert proc.returncode == 0

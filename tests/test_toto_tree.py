@@ -126,3 +126,21 @@ def test_reinstalled_toto_is_reported_as_replaced(tmp_path) -> None:
     status = run_installed(site, project, "status", "kv-cache")
     assert "replaced" in status.stdout and "toto-ts 0.2.0, now 0.1.4" in status.stdout
     assert run_installed(site, project, "verify", "kv-cache").returncode == 1
+
+
+def test_verify_smoke_compiles_the_patched_tree(project, cli) -> None:
+    assert cli(project, "apply").exit_code == 0
+    ran = cli(project, "verify", "--smoke", "--device", "cpu", "--json")
+    data = json.loads(ran.stdout)
+    smoke = data["smoke"]
+    assert ran.exit_code == 0, smoke
+    assert smoke["ok"] and smoke["kv_cache_class"] == "KVCacheCompileFriendly"
+    assert smoke["toto_file"].startswith(str(project / "toto" / "toto"))
+    assert smoke["graph_breaks"] == 0 and smoke["recompiles_after_warmup"] == 0 and smoke["outputs_match"]
+
+
+def test_verify_smoke_fails_on_a_tree_that_recompiles(project, cli) -> None:
+    """Only compile-mode applied: the unpatched cache recompiles after warm-up, and verify says so."""
+    assert cli(project, "apply", "compile-mode").exit_code == 0
+    ran = cli(project, "verify", "compile-mode", "--smoke", "--device", "cpu")
+    assert ran.exit_code == 1 and "smoke test FAILED" in ran.stdout

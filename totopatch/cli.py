@@ -124,14 +124,19 @@ def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output
 @click.option("--smoke", is_flag=True, help="Also compile the patched Toto and run a forecast (CPU, or CUDA if present).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the smoke test runs.")
+@click.option("--backend", default="eager", show_default=True,
+              help="torch.compile backend of the smoke test: eager (dynamo only, fast) or inductor.")
+@click.option("--mode", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
+              help="torch.compile mode of the smoke test (with --backend inductor).")
 @json_option
 @click.pass_obj
-def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, as_json_output: bool) -> None:
+def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, backend: str,
+           compile_mode: str | None, as_json_output: bool) -> None:
     """Prove the applied patches: structure, hashes, backups and, with --smoke, a compile test."""
     context = where.context()
     report = engine.verify(context, _selected(patch_ids))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
-        report = engine.attach_smoke(context, report, device)
+        report = engine.attach_smoke(context, report, device, backend, compile_mode)
     _finish(report, as_json_output)
 
 

@@ -729,14 +729,15 @@ def _io(action: Callable[[], object]) -> None:
 # ---------------------------------------------------------------- smoke test
 
 
-def attach_smoke(ctx: Context, report: Report, device: str = "auto", timeout: float = 1800) -> Report:
+def attach_smoke(ctx: Context, report: Report, device: str = "auto", backend: str = "eager",
+                 mode: str | None = None, timeout: float = 1800) -> Report:
     """Compile the patched Toto from this tree in a fresh process; a failed smoke test fails verify."""
     import json
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "totopatch.smoke", "--toto-parent", str(ctx.layout.toto_parent),
-           "--device", device, "--json"]
+           "--device", device, "--backend", backend, "--json"] + (["--mode", mode] if mode else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         smoke = json.loads(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}")

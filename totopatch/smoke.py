@@ -24,6 +24,7 @@ JSON keys (``--json`` prints one object on stdout; logs go to stderr):
 - ``graph_break_reasons`` (object): first line of each reason -> count
 - ``recompiles_warmup``, ``recompiles_after_warmup``, ``recompile_limit_hits`` (int)
 - ``unique_graphs`` (int): graphs dynamo compiled
+- ``cudagraph_skips`` (int): times inductor fell back from CUDA graphs (e.g. "mutated inputs")
 - ``outputs_match`` (bool), ``max_abs_diff``, ``max_rel_diff`` (float): measured compiled
   forecast vs the eager one (exact for the eager backend, ``--rtol``/``--atol`` otherwise)
 - ``eager_s``, ``warmup_s``, ``compiled_s`` (float): wall seconds of the three forecasts
@@ -72,6 +73,7 @@ class SmokeResult:
     recompiles_after_warmup: int = 0
     recompile_limit_hits: int = 0
     unique_graphs: int = 0
+    cudagraph_skips: int = 0
     outputs_match: bool = False
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
@@ -82,7 +84,7 @@ class SmokeResult:
     @property
     def ok(self) -> bool:
         return (self.error is None and self.outputs_match and self.recompiles_after_warmup == 0
-                and self.recompile_limit_hits == 0)
+                and self.recompile_limit_hits == 0 and self.cudagraph_skips == 0)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, **asdict(self)}
@@ -235,6 +237,7 @@ def _measure(base: SmokeResult, seed: int, rtol: float | None, atol: float | Non
         "graph_break_reasons": _reasons(counters["graph_break"]),
         "recompiles_warmup": warm_recompiles, "recompiles_after_warmup": log.recompiles - warm_recompiles,
         "recompile_limit_hits": log.limit_hits, "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
         "outputs_match": bool(matches), "max_abs_diff": float(diff.max()),
         "max_rel_diff": float((diff / eager.abs().clamp_min(1e-12)).max()),
         "eager_s": round(eager_s, 3), "warmup_s": round(warmup_s, 3), "compiled_s": round(compiled_s, 3),
