@@ -230,7 +230,7 @@ def adopt_legacy(source: str) -> str:
 
 PATCH = Patch(
     id="kv-cache",
-    description="Make Toto's KVCache compile-friendly: no .item() syncs, graph breaks before cache reads and writes",
+    description="Make Toto's KVCache traceable: host-side ints (no .item() syncs), pooled static buffers",
     targets=("util", "util_optimized"),
     rewrite=rewrite,
     adopt_legacy=adopt_legacy,
