@@ -1,6 +1,7 @@
 """Decode Python source bytes to text and back without changing a single byte."""
 from __future__ import annotations
 
+import ast
 import codecs
 import io
 import tokenize
@@ -46,7 +47,7 @@ def decode(data: bytes) -> Source:
 def check_syntax(text: str, filename: str) -> None:
     """Raise SourceError if ``text`` is not valid Python."""
     try:
-        compile(text, filename, "exec", dont_inherit=True, flags=0x400)  # ast.PyCF_ONLY_AST
+        compile(text, filename, "exec", dont_inherit=True, flags=ast.PyCF_ONLY_AST)
     except (SyntaxError, ValueError) as exc:
         line = getattr(exc, "lineno", None)
         where = f" at line {line}" if line else ""
