@@ -64,14 +64,12 @@ def test_unrecorded_patch_is_recorded_from_its_backup(project: Path, cli) -> Non
     assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST
 
 
-@pytest.mark.parametrize("second", ["apply", "revert"])
-def test_concurrent_runs_one_fails_fast_with_locked(project: Path, second: str) -> None:
-    if second == "revert":
+@pytest.mark.parametrize("first_run", ["apply", "revert"])
+def test_concurrent_runs_one_fails_fast_with_locked(project: Path, first_run: str) -> None:
+    """An apply started while another apply (or a revert) holds the lock fails fast."""
+    if first_run == "revert":
         assert totopatch(project, "apply", CM).returncode == 0
-        first_cmd = ["revert", CM]
-    else:
-        first_cmd = ["apply", CM]
-    first = subprocess.Popen([sys.executable, "-m", "totopatch", "--root", str(project), *first_cmd],
+    first = subprocess.Popen([sys.executable, "-m", "totopatch", "--root", str(project), first_run, CM],
                              env={**os.environ, "TOTOPATCH_TEST_PAUSE_AT": "after-lock:3"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
@@ -79,11 +77,11 @@ def test_concurrent_runs_one_fails_fast_with_locked(project: Path, second: str) 
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
         time.sleep(0.05)
     started = time.time()
-    other = totopatch(project, "apply" if second == "apply" else "apply", CM)
+    other = totopatch(project, "apply", CM)
     assert time.time() - started < 2.5
     assert other.returncode == 6 and "locked" in other.stderr
     assert first.wait(30) == 0
-    expected = "applied" if second == "apply" else "not-applied"
+    expected = "applied" if first_run == "apply" else "not-applied"
     assert state_of(project) == expected
 
 
