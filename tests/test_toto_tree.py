@@ -144,3 +144,20 @@ def test_verify_smoke_fails_on_a_tree_that_recompiles(project, cli) -> None:
     assert cli(project, "apply", "compile-mode").exit_code == 0
     ran = cli(project, "verify", "compile-mode", "--smoke", "--device", "cpu")
     assert ran.exit_code == 1 and "smoke test FAILED" in ran.stdout
+
+
+def test_adopting_a_legacy_file_without_a_cache_class_is_refused(project, cli) -> None:
+    stub = "import torch\nfrom ..model.attention import TimeWiseMultiheadAttention\n\nX = 1\n"
+    util(project).write_text(legacy_edit(stub))
+    before = snapshot(project)
+    ran = cli(project, "apply", "kv-cache", "--adopt-legacy")
+    assert ran.exit_code == 3 and "no KV cache class" in ran.stderr and "Traceback" not in ran.stderr
+    assert snapshot(project) == before
+
+
+def test_dry_runs_say_what_they_would_do(project, cli) -> None:
+    assert "would-apply  compile-mode" in cli(project, "apply", "compile-mode", "--dry-run").stdout
+    cli(project, "apply", "compile-mode")
+    ran = cli(project, "revert", "compile-mode", "--dry-run")
+    assert "would-revert  compile-mode" in ran.stdout and "+        or \"max-autotune\"" in ran.stdout
+    assert cli(project, "status", "compile-mode", "--check").exit_code == 0

@@ -30,6 +30,7 @@ class Code(IntEnum):
 
 
 GOOD_STATES = ("applied", "not-present")
+REFUSING_STATES = ("conflict", "legacy", "missing", "refused")
 
 
 @dataclass(frozen=True)
@@ -261,23 +262,28 @@ def _apply(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[Patch
            options: Mapping[str, str], dry_run: bool, adopt_legacy: bool) -> Report:
     pending: dict[Path, bytes] = {}  # what each file will hold once earlier patches in this run are written
     changes: list[Change] = []
-    refused = False
     for ref in refs:
         patch = ref.load()
         for target in _targets(ctx, ref):
             item, change = _plan_apply(ctx, manifest, patch, target, pending, _options(patch, options), adopt_legacy)
             report.items.append(item)
-            refused |= item.state in ("conflict", "legacy", "missing", "refused")
             if change is not None:
                 changes.append(change)
                 pending[target.path] = change.new
+    return _finish(ctx, report, manifest, changes, dry_run, "would-apply")
+
+
+def _finish(ctx: Context, report: Report, manifest: mf.Manifest, changes: list[Change], dry_run: bool,
+            dry_state: str) -> Report:
+    """Refuse if any file refused; otherwise show (dry run) or commit the planned changes."""
+    refused = [i for i in report.items if i.state in REFUSING_STATES]
     if refused:
-        return report.fail(Code.REFUSED, "refused: " + "; ".join(
-            f"{i.file}: {i.detail}" for i in report.items if i.state in ("conflict", "legacy", "missing", "refused")
-        ) + "; nothing was written")
-    if dry_run or not changes:
+        return report.fail(Code.REFUSED, "refused: " + "; ".join(f"{i.file}: {i.detail}" for i in refused)
+                           + "; nothing was written")
+    if dry_run:
+        report.items = [replace(i, state=dry_state) if i.state in ("applied", "reverted") else i for i in report.items]
         return report
-    return _commit(ctx, report, changes, manifest)
+    return _commit(ctx, report, changes, manifest) if changes else report
 
 
 def _plan_apply(ctx: Context, manifest: mf.Manifest, patch: Patch, target: Target, pending: dict[Path, bytes],
@@ -297,17 +303,18 @@ def _plan_apply(ctx: Context, manifest: mf.Manifest, patch: Patch, target: Targe
                            "revert it first to apply other options"), None
         return replace(item, state="already-applied"), None
     if entry is not None and current != entry.before_sha256:
-        return _plan_on_edited(ctx, patch, target, item, data, options)
+        return _plan_on_edited(patch, target, item, data, options)
     text, encode = _text(target.path, data)
     legacy: bytes | None = None
     try:
-        result = _rewrite(patch, target.path, text, options)
-    except LegacyPatched as exc:
-        if not adopt_legacy or patch.adopt_legacy is None:
-            return replace(item, state="legacy", detail=f"patched by the legacy script ({exc.reason}); "
-                           "rerun with --adopt-legacy to take it over"), None
-        legacy, data, text = data, *_pre_legacy(patch, target, text, encode)
-        result = _rewrite(patch, target.path, text, options)
+        try:
+            result = _rewrite(patch, target.path, text, options)
+        except LegacyPatched as exc:
+            if not adopt_legacy or patch.adopt_legacy is None:
+                return replace(item, state="legacy", detail=f"patched by the legacy script ({exc.reason}); "
+                               "rerun with --adopt-legacy to take it over"), None
+            legacy, data, text = data, *_pre_legacy(patch, target, text, encode)
+            result = _rewrite(patch, target.path, text, options)
     except Refusal as exc:
         return replace(item, state="conflict", detail=_refusal_detail(target.path, exc, display)), None
     new_text = result.source
@@ -319,7 +326,7 @@ def _plan_apply(ctx: Context, manifest: mf.Manifest, patch: Patch, target: Targe
     return replace(item, state="applied", detail=detail, diff=unified(text, new_text, display)), change
 
 
-def _plan_on_edited(ctx: Context, patch: Patch, target: Target, item: Item, data: bytes,
+def _plan_on_edited(patch: Patch, target: Target, item: Item, data: bytes,
                     options: dict[str, str]) -> tuple[Item, Change | None]:
     text, _ = _text(target.path, data)
     try:
@@ -361,7 +368,8 @@ def _backup_candidates(ctx: Context, target: Target) -> list[Path]:
 
 def _pre_legacy(patch: Patch, target: Target, text: str, encode: Callable[[str], bytes]) -> tuple[bytes, str]:
     """The file as it was before the legacy script: its .backup when consistent, else the legacy lines removed."""
-    assert patch.adopt_legacy is not None
+    if patch.adopt_legacy is None:
+        raise Abort(Code.REFUSED, f"{target.path}: patch {patch.id} cannot adopt legacy edits")
     try:
         cleaned = patch.adopt_legacy(text)
     except Refusal as exc:
@@ -426,16 +434,10 @@ def _revert(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[Patc
         if change is not None:
             changes.append(change)
             pending[change.path] = change.new
-    conflicts = [i for i in report.items if i.state in ("conflict", "missing")]
-    if conflicts:
-        return report.fail(Code.REFUSED, "refused: " + "; ".join(f"{i.file}: {i.detail}" for i in conflicts)
-                           + "; nothing was written")
     if not entries:
         report.notes.append("nothing to revert: no recorded change for " + ", ".join(sorted(ids)))
-    if dry_run or not changes:
-        return report
-    changes = _drop_unneeded_backups(ctx, manifest, entries, changes)
-    return _commit(ctx, report, changes, manifest)
+    return _finish(ctx, report, manifest, _drop_unneeded_backups(ctx, manifest, entries, changes), dry_run,
+                   "would-revert")
 
 
 def _plan_revert(ctx: Context, entry: mf.Entry, pending: dict[Path, bytes], force: bool) -> tuple[Item, Change | None]:
