@@ -11,6 +11,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 PATCHES: tuple[PatchRef, ...] = (
     PatchRef("kv-cache", "kv_cache", ("util", "util_optimized")),
     PatchRef("sdpa-causal", "sdpa_causal", ("attention",)),
+    PatchRef("spacewise-mask", "spacewise_mask", ("transformer",)),
     PatchRef("compile-mode", "compile_mode", ("backtest",)),
 )
 

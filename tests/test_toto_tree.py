@@ -41,7 +41,7 @@ def util(project: Path) -> Path:
 def test_list_names_every_patch(project, cli) -> None:
     ran = cli(project, "list")
     assert ran.exit_code == 0
-    assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "compile-mode"]
+    assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "spacewise-mask", "compile-mode"]
 
 
 def test_apply_all_status_verify_revert(project, cli) -> None:
@@ -50,7 +50,8 @@ def test_apply_all_status_verify_revert(project, cli) -> None:
     assert ran.exit_code == 0, ran.stderr
     states = {(i["patch"], i["target"]): i["state"] for i in json.loads(cli(project, "status", "--json").stdout)["items"]}
     assert states == {("kv-cache", "util"): "applied", ("kv-cache", "util_optimized"): "not-present",
-                      ("sdpa-causal", "attention"): "applied", ("compile-mode", "backtest"): "applied"}
+                      ("sdpa-causal", "attention"): "applied", ("spacewise-mask", "transformer"): "applied",
+                      ("compile-mode", "backtest"): "applied"}
     assert cli(project, "status", "--check").exit_code == 0
     assert cli(project, "verify").exit_code == 0
     assert cli(project, "revert").exit_code == 0
@@ -161,3 +162,13 @@ def test_dry_runs_say_what_they_would_do(project, cli) -> None:
     ran = cli(project, "revert", "compile-mode", "--dry-run")
     assert "would-revert  compile-mode" in ran.stdout and "+        or \"max-autotune\"" in ran.stdout
     assert cli(project, "status", "compile-mode", "--check").exit_code == 0
+
+
+def test_verify_smoke_with_inductor_matches_eager(project, cli) -> None:
+    """The default patch set under inductor: the spacewise-mask patch keeps compiled forecasts equal to eager."""
+    assert cli(project, "apply").exit_code == 0
+    ran = cli(project, "verify", "--smoke", "--device", "cpu", "--backend", "inductor", "--json")
+    smoke = json.loads(ran.stdout)["smoke"]
+    assert ran.exit_code == 0, smoke
+    assert smoke["backend"] == "inductor" and smoke["outputs_match"] and smoke["max_rel_diff"] < 1e-4
+    assert smoke["graph_breaks"] == 0 and smoke["recompiles_after_warmup"] == 0

@@ -28,11 +28,12 @@ def test_every_release_patches_and_reverts(tmp_path, cli, version) -> None:
     root = tmp_path / "checkout"
     shutil.copytree(package(version), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
     before = snapshot(root)
-    ran = cli(root, "apply", "kv-cache", "sdpa-causal")
+    ran = cli(root, "apply", "kv-cache", "sdpa-causal", "spacewise-mask")
     assert ran.exit_code == 0, ran.stderr
     assert "KVCacheCompileFriendly" in (root / "toto" / "model" / "util.py").read_text()
     assert "True if (attention_mask is None" in (root / "toto" / "model" / "attention.py").read_text()
-    assert cli(root, "status", "kv-cache", "sdpa-causal", "--check").exit_code == 0
-    assert cli(root, "verify", "kv-cache", "sdpa-causal").exit_code == 0
+    assert ").unsqueeze(1)" in (root / "toto" / "model" / "transformer.py").read_text()
+    assert cli(root, "status", "kv-cache", "sdpa-causal", "spacewise-mask", "--check").exit_code == 0
+    assert cli(root, "verify", "kv-cache", "sdpa-causal", "spacewise-mask").exit_code == 0
     assert cli(root, "revert").exit_code == 0
     assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}

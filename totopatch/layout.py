@@ -24,6 +24,7 @@ TARGETS: dict[str, TargetSpec] = {
     "util": TargetSpec("util", "toto", "toto/model/util.py", False),
     "util_optimized": TargetSpec("util_optimized", "toto", "toto/model/util_optimized.py", True),
     "attention": TargetSpec("attention", "toto", "toto/model/attention.py", False),
+    "transformer": TargetSpec("transformer", "toto", "toto/model/transformer.py", False),
     "backtest": TargetSpec("backtest", "root", "backtest_test3_inline.py", True),
 }
 

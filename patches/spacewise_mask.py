@@ -1,0 +1,77 @@
+"""Build Toto's space-wise attention mask without a size-1 axis inside ``rearrange`` (transformer.py).
+
+Upstream ``_get_mask`` does ``rearrange(mask, "... -> (batch seq_len) 1 variate1 variate2")`` and then
+``.expand(-1, num_heads, -1, -1)``.  Once the decode step compiles as one graph, ``seq_len`` is
+symbolic there, and inductor (torch 2.11 and 2.13 seen) indexes the expanded head axis as if it
+were a patch axis: heads 1.. read the wrong rows, and compiled forecasts drift from eager.  Making
+the axis with ``.unsqueeze(1)`` after the rearrange gives the same view, so eager results are
+bit-identical, and inductor then broadcasts it correctly.
+"""
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from totopatch.spec import Options, Patch, Refusal, Rewrite
+
+OLD = "batch seq_len variate1 variate2 -> (batch seq_len) 1 variate1 variate2"
+NEW = "batch seq_len variate1 variate2 -> (batch seq_len) variate1 variate2"
+
+
+def _rearrange(pattern: str) -> m.Call:
+    return m.Call(func=m.Name("rearrange"), args=[m.Arg(keyword=None), m.Arg(
+        keyword=None, value=m.SimpleString(m.MatchIfTrue(lambda v: v[1:-1] == pattern or v[3:-3] == pattern)))])
+
+
+_UPSTREAM = _rearrange(OLD)
+_PATCHED = m.Call(func=m.Attribute(value=_rearrange(NEW), attr=m.Name("unsqueeze")), args=[m.Arg(m.Integer("1"))])
+
+
+class _FindMaskCalls(cst.CSTVisitor):
+    def __init__(self) -> None:
+        self.upstream: list[cst.Call] = []
+        self.patched = 0
+
+    def visit_Call(self, node: cst.Call) -> bool:
+        if m.matches(node, _PATCHED):
+            self.patched += 1
+            return False
+        if m.matches(node, _UPSTREAM):
+            self.upstream.append(node)
+        return True
+
+
+class _Unsqueeze(cst.CSTTransformer):
+    def __init__(self, targets: list[cst.Call]) -> None:
+        self.targets = {id(t) for t in targets}
+
+    def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.BaseExpression:
+        if id(original_node) not in self.targets:
+            return updated_node
+        old = updated_node.args[1].value
+        assert isinstance(old, cst.SimpleString)
+        pattern = old.with_changes(value=old.value.replace(OLD, NEW))
+        call = updated_node.with_changes(args=[updated_node.args[0], updated_node.args[1].with_changes(value=pattern)])
+        return cst.Call(func=cst.Attribute(value=call, attr=cst.Name("unsqueeze")), args=[cst.Arg(cst.Integer("1"))])
+
+
+def rewrite(source: str, options: Options) -> Rewrite:
+    try:
+        module = cst.parse_module(source)
+    except cst.ParserSyntaxError as exc:
+        raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
+    finder = _FindMaskCalls()
+    module.visit(finder)
+    if len(finder.upstream) + finder.patched != 1:
+        raise Refusal(f'expected one rearrange(mask, "{OLD}"), found {len(finder.upstream) + finder.patched}')
+    if not finder.upstream:
+        return Rewrite(source)
+    return Rewrite(module.visit(_Unsqueeze(finder.upstream)).code)
+
+
+PATCH = Patch(
+    id="spacewise-mask",
+    description="Build the space-wise mask's head axis with unsqueeze in transformer.py (inductor miscompiles it)",
+    targets=("transformer",),
+    rewrite=rewrite,
+)
