@@ -14,6 +14,7 @@ import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 from totopatch.patches import COMPILE_MODES as MODES
+from totopatch.patches._cst import parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 DEFAULT_MODE = "reduce-overhead"
@@ -147,10 +148,7 @@ def _find(module: cst.Module) -> list[Site]:
 
 def rewrite(source: str, options: Options) -> Rewrite:
     mode = options.get("compile_mode", DEFAULT_MODE)
-    try:
-        module = cst.parse_module(source)
-    except cst.ParserSyntaxError as exc:
-        raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
+    module = parse(source)
     sites = _find(module)
     stale = [s for s in sites if s.literal.evaluated_value != mode]
     if not stale:

@@ -26,6 +26,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
+from totopatch.patches._cst import parse
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 
 NEW_CLASS = "KVCacheCompileFriendly"
@@ -135,21 +136,9 @@ def _check_names(body: list[cst.BaseStatement], line: Callable[[int], int], skip
                       tuple(map(line, clash)))
 
 
-def _syntax_error_line(source: str, fallback: int) -> int:
-    """Python's own line for the error (LibCST reports where it gave up)."""
-    try:
-        compile(source, "<kv-cache target>", "exec", dont_inherit=True, flags=0x400)
-    except SyntaxError as exc:
-        return exc.lineno or fallback
-    return fallback
-
-
 def rewrite(source: str, options: Options) -> Rewrite:
     _refuse_legacy(source)
-    try:
-        wrapper = MetadataWrapper(cst.parse_module(source))
-    except cst.ParserSyntaxError as exc:
-        raise Refusal(f"not valid Python: {exc.message}", (_syntax_error_line(source, exc.raw_line),)) from None
+    wrapper = MetadataWrapper(parse(source))
     module, positions = wrapper.module, wrapper.resolve(PositionProvider)
     body = list(module.body)
 

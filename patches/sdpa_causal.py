@@ -12,6 +12,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
+from totopatch.patches._cst import parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 _CAUSAL_ARG = m.Arg(keyword=m.Name("is_causal"))
@@ -57,10 +58,7 @@ class _MakePlain(cst.CSTTransformer):
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
-    try:
-        module = cst.parse_module(source)
-    except cst.ParserSyntaxError as exc:
-        raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
+    module = parse(source)
     finder = _FindCausalArgs()
     module.visit(finder)
     if finder.other:

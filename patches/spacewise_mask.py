@@ -12,6 +12,7 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
+from totopatch.patches._cst import parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 OLD = "batch seq_len variate1 variate2 -> (batch seq_len) 1 variate1 variate2"
@@ -56,10 +57,7 @@ class _Unsqueeze(cst.CSTTransformer):
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
-    try:
-        module = cst.parse_module(source)
-    except cst.ParserSyntaxError as exc:
-        raise Refusal(f"not valid Python: {exc.message}", (exc.raw_line,)) from None
+    module = parse(source)
     finder = _FindMaskCalls()
     module.visit(finder)
     if len(finder.upstream) + finder.patched != 1:
