@@ -172,3 +172,14 @@ def test_verify_smoke_with_inductor_matches_eager(project, cli) -> None:
     assert ran.exit_code == 0, smoke
     assert smoke["backend"] == "inductor" and smoke["outputs_match"] and smoke["max_rel_diff"] < 1e-4
     assert smoke["graph_breaks"] == 0 and smoke["recompiles_after_warmup"] == 0
+
+
+def test_adoption_prefers_a_consistent_legacy_backup_with_the_original_line_endings(project, cli) -> None:
+    """The old script wrote LF over a CRLF file; its .backup keeps the CRLF original, and revert restores that."""
+    original = util(project).read_text().replace("\n", "\r\n").encode()
+    util(project).write_text(legacy_edit(original.decode().replace("\r\n", "\n")))
+    (util(project).parent / "util.py.backup").write_bytes(original)
+    assert cli(project, "apply", "kv-cache", "--adopt-legacy").exit_code == 0
+    assert b"\r\n" in util(project).read_bytes()
+    assert cli(project, "revert", "kv-cache").exit_code == 0
+    assert util(project).read_bytes() == original

@@ -374,9 +374,16 @@ def _pre_legacy(patch: Patch, target: Target, text: str, encode: Callable[[str],
         cleaned = patch.adopt_legacy(text)
     except Refusal as exc:
         raise Abort(Code.REFUSED, f"{target.path}: cannot adopt the legacy edit ({exc.reason}); nothing written")
-    legacy_backup = _read(Path(str(target.path) + ".backup"))
-    if legacy_backup is not None and legacy_backup == encode(cleaned):
-        return legacy_backup, cleaned
+    sibling = Path(str(target.path) + ".backup")
+    legacy_backup = _read(sibling)
+    if legacy_backup is not None:
+        try:
+            backup_text, _ = _text(sibling, legacy_backup)
+        except Abort:
+            backup_text = None
+        # The old script rewrote line endings; its .backup still has the original ones.
+        if backup_text is not None and backup_text.replace("\r\n", "\n") == cleaned.replace("\r\n", "\n"):
+            return legacy_backup, backup_text
     return encode(cleaned), cleaned
 
 
