@@ -24,14 +24,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: Path) -> str | None:
-    """The file's hash, or None where there is no file."""
-    try:
-        return sha256(path.read_bytes())
-    except FileNotFoundError:
-        return None
-
-
 def crash_point(name: str) -> None:
     """Test hook at a named step: TOTOPATCH_TEST_CRASH_AT=name dies with SIGKILL there,
     TOTOPATCH_TEST_PAUSE_AT=name:seconds sleeps there (to make two runs overlap)."""
@@ -91,16 +83,6 @@ def clear_bytecode(path: Path) -> None:
         for pyc in cache.glob(f"{real.stem}.*.pyc"):
             with contextlib.suppress(FileNotFoundError):
                 pyc.unlink()
-
-
-def writable(path: Path) -> bool:
-    """Whether ``path`` (or, where absent, its nearest existing parent folder) can be written."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            return False
-        probe = probe.parent
-    return os.access(probe, os.W_OK)
 
 
 def is_hardlinked(path: Path) -> bool:
