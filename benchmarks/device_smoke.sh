@@ -1,0 +1,48 @@
+#!/bin/bash
+# The GPU smoke checks of issue 4, on the lent GPU machine (see /work/.library/device/README.md).
+# Usage (from the repo root, with .whl carried): bash benchmarks/device_smoke.sh
+# Runs, each logged under $OUT (or benchmarks/results/smoke):
+#   1. pytest -m gpu tests/test_gpu.py (apply to a copy of the installed toto-ts, base shape, reduce-overhead);
+#   2. totopatch verify --smoke --device cuda --backend inductor --mode reduce-overhead on a demo project;
+#   3. python -m totopatch.smoke on the unpatched and the patched tree, tiny and base shapes.
+# pytest and the CLI run from a scratch folder, so that `import totopatch` is the installed wheel
+# (the source tree keeps `patches/` beside the package, not inside it).
+set -o pipefail
+REPO=$(pwd)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+OUTDIR=${OUT:-$REPO/benchmarks/results/smoke}
+mkdir -p "$OUTDIR" /tmp/scratch && cd /tmp/scratch || exit 1
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import sys, torch, toto, totopatch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'totopatch', totopatch.__file__)"
+} 2>&1 | tee "$OUTDIR/env.txt"
+status=0
+python3 -m pytest -c "$REPO/setup.cfg" --rootdir "$REPO" -p no:cacheprovider -m gpu -v -s "$REPO/tests/test_gpu.py" \
+  2>&1 | tee "$OUTDIR/pytest_gpu.log" || status=1
+python3 -c "from pathlib import Path; from totopatch.demo import build_workspace; build_workspace(Path('/tmp/scratch/proj'))" || exit 1
+{ totopatch --root /tmp/scratch/proj apply && \
+  totopatch --root /tmp/scratch/proj verify --smoke --device cuda --backend inductor --mode reduce-overhead; } \
+  2>&1 | tee "$OUTDIR/verify_smoke_cuda.log" || status=1
+python3 -c "import toto, pathlib; print(pathlib.Path(toto.__file__).parents[1])" > /tmp/unpatched_parent
+for tree in unpatched patched; do
+  parent=$([ $tree = patched ] && echo /tmp/scratch/proj/toto || cat /tmp/unpatched_parent)
+  for shape in tiny base; do
+    python3 -m totopatch.smoke --toto-parent "$parent" --device cuda --backend inductor --mode reduce-overhead \
+      --shape $shape --json > "/tmp/scratch/${tree}_${shape}.json" 2>> "$OUTDIR/smoke_stderr.log"
+    echo "$tree $shape rc=$?" | tee -a "$OUTDIR/smoke_stderr.log"
+  done
+done
+python3 - "$OUTDIR/smoke_cuda.json" <<'PY'
+import json, sys
+runs = {}
+for tree in ("unpatched", "patched"):
+    for shape in ("tiny", "base"):
+        lines = open(f"/tmp/scratch/{tree}_{shape}.json").read().strip().splitlines()
+        runs[f"{tree}/{shape}"] = json.loads(lines[-1]) if lines else {"error": "no output"}
+json.dump(runs, open(sys.argv[1], "w"), indent=2)
+for name, r in runs.items():
+    print(name, {k: r.get(k) for k in ("ok", "error", "graph_breaks", "recompiles_after_warmup",
+                                         "cudagraph_skips", "outputs_match", "max_abs_diff", "max_rel_diff")})
+PY
+exit $status
