@@ -147,7 +147,7 @@ def _rewrite(patch: Patch, path: Path, text: str, options: Mapping[str, str]) ->
     return result
 
 
-def _refusal_detail(path: Path, exc: Refusal, display: str) -> str:
+def _refusal_detail(exc: Refusal, display: str) -> str:
     where = "; candidates: " + ", ".join(f"{display}:{n}" for n in exc.lines) if exc.lines else ""
     return f"{exc.reason}{where}"
 
@@ -213,7 +213,7 @@ def _status_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Targ
                        "`totopatch apply --adopt-legacy` takes it over")
     except Refusal as exc:
         inside = "edited inside the patched region: " if entry else ""
-        return replace(item, state="conflict", detail=inside + _refusal_detail(target.path, exc, display))
+        return replace(item, state="conflict", detail=inside + _refusal_detail(exc, display))
     if entry is not None:
         if rewritten.source == text:
             return replace(item, state="drifted", detail="applied, with later edits outside the patched region")
@@ -316,7 +316,7 @@ def _plan_apply(ctx: Context, manifest: mf.Manifest, patch: Patch, target: Targe
             legacy, data, text = data, *_pre_legacy(patch, target, text, encode)
             result = _rewrite(patch, target.path, text, options)
     except Refusal as exc:
-        return replace(item, state="conflict", detail=_refusal_detail(target.path, exc, display)), None
+        return replace(item, state="conflict", detail=_refusal_detail(exc, display)), None
     new_text = result.source
     if new_text == text and legacy is None:
         return _plan_unrecorded(ctx, patch, target, item, data, text, options)

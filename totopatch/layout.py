@@ -47,7 +47,6 @@ class Layout:
     toto_parent: Path
     backtest_rel: str
     state_dir: Path
-    found_by: str
 
     def base_dir(self, base: str) -> Path:
         return {"toto": self.toto_parent, "root": self.root, "state": self.state_dir}[base]
@@ -82,26 +81,25 @@ def locate(
     if not root.is_dir():
         raise LayoutError(f"{root}: --root is not a directory")
     root = root.resolve()
-    state = (state_dir or root / ".totopatch").absolute()
-    toto_parent, how = _find_toto(root, installed, recorded_toto)
-    return Layout(root, toto_parent, _backtest_rel(root, backtest), state, how)
+    toto_parent = _find_toto(root, installed, recorded_toto)
+    return Layout(root, toto_parent, _backtest_rel(root, backtest), state_dir_for(root, state_dir))
 
 
 def state_dir_for(root: Path, state_dir: Path | None) -> Path:
     return (state_dir or root.resolve() / ".totopatch").absolute()
 
 
-def _find_toto(root: Path, installed: bool, recorded: str | None) -> tuple[Path, str]:
+def _find_toto(root: Path, installed: bool, recorded: str | None) -> Path:
     if installed:
         found = installed_toto()
         if found is None:
             raise LayoutError("--installed: no 'toto' package is importable in this Python environment")
-        return found, "installed package"
-    for parent, how in ((root / "toto", "nested Toto checkout"), (root, "Toto checkout or site-packages")):
+        return found
+    for parent in (root / "toto", root):
         if (parent / "toto" / "model" / "util.py").is_file():
-            return parent, how
+            return parent
     if recorded and (Path(recorded) / "toto" / "model" / "util.py").is_file():
-        return Path(recorded), "recorded in the manifest"
+        return Path(recorded)
     raise LayoutError(f"{root}: no Toto tree found; looked for {' and '.join(LAYOUTS)}; "
                       "use --root DIR or --installed")
 
