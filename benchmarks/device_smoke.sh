@@ -6,7 +6,7 @@
 #   2. totopatch verify --smoke --device cuda --backend inductor --mode reduce-overhead on a demo project;
 #   3. python -m totopatch.smoke on the unpatched and the patched tree, tiny and base shapes.
 # pytest and the CLI run from a scratch folder, so that `import totopatch` is the installed wheel
-# (the source tree keeps `patches/` beside the package, not inside it).
+# built into .whl, as a user has it.
 set -o pipefail
 REPO=$(pwd)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

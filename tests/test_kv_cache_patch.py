@@ -13,7 +13,7 @@ from totopatch.patches import kv_cache
 from totopatch.spec import LegacyPatched, Refusal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kv"
-TEMPLATE = resources.files("totopatch").joinpath("data/kv_cache_template.py.txt").read_text(encoding="utf-8")
+TEMPLATE = resources.files("totopatch.patches").joinpath("kv_cache_template.py.txt").read_text(encoding="utf-8")
 
 
 def fixture(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The contract between the engine and the patch modules in ``patches/``."""
+"""The contract between the engine and the patch modules in ``totopatch/patches/``."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 
 The cache class is found by structure (a ``@dataclass`` with Toto's fields and methods), not by
 name, so forks that rename it (``KVCacheOptimized``) or rewrote its bodies still match.  After
-it goes the block of ``totopatch/data/kv_cache_template.py.txt``: ``KVCacheCompileFriendly``
+it goes the block of ``kv_cache_template.py.txt`` beside it: ``KVCacheCompileFriendly``
 subclasses it and keeps the write heads and the layer map as host-side ints, so dynamo traces
 every cache read and write (no ``.item()``, no graph break) and a buffer of another length is a
 dynamic size, not a recompile; ``reset`` runs eagerly.  The original name is then rebound to
@@ -116,7 +116,7 @@ def _find_cache(body: list[cst.BaseStatement], line: Callable[[int], int], skip:
 
 @functools.cache
 def _template() -> str:
-    return resources.files("totopatch").joinpath("data/kv_cache_template.py.txt").read_text(encoding="utf-8")
+    return resources.files("totopatch.patches").joinpath("kv_cache_template.py.txt").read_text(encoding="utf-8")
 
 
 def _block(base: str) -> list[cst.BaseStatement]:
