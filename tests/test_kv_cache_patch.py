@@ -300,3 +300,13 @@ def test_patch_contract() -> None:
     patch = kv_cache.PATCH
     assert (patch.id, patch.targets, patch.default) == ("kv-cache", ("util", "util_optimized"), True)
     assert patch.rewrite is kv_cache.rewrite and patch.adopt_legacy is kv_cache.adopt_legacy
+
+
+def test_the_shared_syntax_check_handles_null_bytes() -> None:
+    """compile() raises ValueError without .msg or a line for a null byte; the check still answers."""
+    from totopatch.textio import syntax_error
+
+    assert syntax_error("x = 1\n") is None
+    assert syntax_error("def f(:\n") == (1, "invalid syntax")
+    line, message = syntax_error("x = 1\0\n")
+    assert line is None and "null" in message

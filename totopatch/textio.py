@@ -44,11 +44,24 @@ def decode(data: bytes) -> Source:
     return source
 
 
-def check_syntax(text: str, filename: str) -> None:
-    """Raise SourceError if ``text`` is not valid Python."""
+def syntax_error(text: str, filename: str = "<source>") -> tuple[int | None, str] | None:
+    """Python's own (line, message) for the first syntax error in ``text``; None when it parses.
+
+    A null byte raises ValueError, which has neither a line nor ``msg``.
+    """
     try:
         compile(text, filename, "exec", dont_inherit=True, flags=ast.PyCF_ONLY_AST)
-    except (SyntaxError, ValueError) as exc:
-        line = getattr(exc, "lineno", None)
+    except SyntaxError as exc:
+        return exc.lineno, str(exc.msg)
+    except ValueError as exc:
+        return None, str(exc)
+    return None
+
+
+def check_syntax(text: str, filename: str) -> None:
+    """Raise SourceError if ``text`` is not valid Python."""
+    error = syntax_error(text, filename)
+    if error is not None:
+        line, message = error
         where = f" at line {line}" if line else ""
-        raise SourceError(f"is not valid Python{where}: {getattr(exc, 'msg', exc)}") from None
+        raise SourceError(f"is not valid Python{where}: {message}")

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from totopatch.patches import COMPILE_MODES as MODES
-from totopatch.patches._cst import parse
+from totopatch.patches._cst import lines_of, parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 DEFAULT_MODE = "reduce-overhead"
@@ -122,13 +121,6 @@ class _SetLiterals(cst.CSTTransformer):
         return updated_node.with_changes(value=f"{original_node.prefix}{quote}{self.mode}{quote}")
 
 
-def _line_of(module: cst.Module, targets: list[cst.CSTNode]) -> list[int]:
-    """Line numbers of the given nodes (metadata is costly, so only for refusals and notes)."""
-    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
-    positions = wrapper.resolve(PositionProvider)
-    return [positions[node].start.line for node in targets]
-
-
 def _find(module: cst.Module) -> list[Site]:
     """The default literals of the one Toto loader, or a Refusal naming the candidates."""
     finder = _FindSites()
@@ -138,11 +130,11 @@ def _find(module: cst.Module) -> list[Site]:
         raise Refusal("no Toto loader found: expected `os.getenv(\"...TOTO...\") or ... or \"<mode>\"` in a function")
     if len(loaders) > 1:
         raise Refusal(f"ambiguous: TOTO compile-mode defaults in several functions ({', '.join(loaders)})",
-                      tuple(_line_of(module, [s.literal for s in finder.env_sites])))
+                      lines_of(module, [s.literal for s in finder.env_sites]))
     sites = finder.env_sites + [s for s in finder.strip_sites if s.function == loaders[0]]
     unknown = [s.literal for s in sites if s.literal.evaluated_value not in MODES]
     if unknown:
-        raise Refusal(f"loader default {unknown[0].value} is not a known compile mode", tuple(_line_of(module, unknown)))
+        raise Refusal(f"loader default {unknown[0].value} is not a known compile mode", lines_of(module, unknown))
     return sites
 
 
@@ -155,7 +147,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
         return Rewrite(source)
     notes = ()
     if len(stale) < len(sites):
-        lines = ", ".join(map(str, _line_of(module, [s.literal for s in stale])))
+        lines = ", ".join(map(str, lines_of(module, [s.literal for s in stale])))
         notes = (f"finished a half-switched loader: only line {lines} still had the old default",)
     return Rewrite(module.visit(_SetLiterals(stale, mode)).code, notes)
 

@@ -28,6 +28,7 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 
 from totopatch.patches._cst import parse
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
+from totopatch.textio import syntax_error
 
 NEW_CLASS = "KVCacheCompileFriendly"
 BEGIN, END = "# totopatch kv-cache: begin", "# totopatch kv-cache: end"
@@ -210,10 +211,10 @@ def adopt_legacy(source: str) -> str:
     cleaned = text[:start] + text[end:]
     if _legacy_lines(cleaned):
         raise Refusal("more legacy lines than the old script wrote", _legacy_lines(cleaned))
-    try:
-        compile(cleaned, "<pre-legacy>", "exec", dont_inherit=True, flags=0x400)
-    except (SyntaxError, ValueError) as exc:
-        raise Refusal(f"removing the legacy lines leaves invalid Python ({exc.msg})", (exc.lineno or 0,)) from None
+    error = syntax_error(cleaned, "<pre-legacy>")
+    if error is not None:
+        line, message = error
+        raise Refusal(f"removing the legacy lines leaves invalid Python ({message})", (line,) if line else ()) from None
     return cleaned
 
 

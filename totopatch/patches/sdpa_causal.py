@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
 
-from totopatch.patches._cst import parse
+from totopatch.patches._cst import lines_of, parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 _CAUSAL_ARG = m.Arg(keyword=m.Name("is_causal"))
@@ -62,9 +61,8 @@ def rewrite(source: str, options: Options) -> Rewrite:
     finder = _FindCausalArgs()
     module.visit(finder)
     if finder.other:
-        positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
         raise Refusal("scaled_dot_product_attention gets an is_causal expression this patch does not know",
-                      tuple(positions[arg].start.line for arg in finder.other))
+                      lines_of(module, finder.other))
     if len(finder.symbolic) + len(finder.plain) != 1:
         raise Refusal(f"expected one SDPA call with is_causal=(attention_mask is None and seq_pos_offset == 0), "
                       f"found {len(finder.symbolic) + len(finder.plain)}")
