@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_BACKTEST
+from conftest import SAMPLE_BACKTEST, snapshot
 
 CM = "compile-mode"
 CRASH_POINTS = ["after-lock", "after-backup", "mid-write", "after-write", "before-manifest"]
@@ -156,8 +156,21 @@ def test_read_only_folder_fails_before_any_write_with_a_hint(project: Path, cli)
         ran = cli(project, "apply", CM)
     finally:
         project.chmod(0o755)
-    assert ran.exit_code == 5 and "--state-dir" in ran.stderr
+    # the target's own folder is read-only: a --state-dir would not help, so it is not suggested
+    assert ran.exit_code == 5 and "its folder is not writable" in ran.stderr and "--state-dir" not in ran.stderr
     assert not (project / ".totopatch").exists()
+
+
+def test_read_only_state_folder_hint_works_when_followed(project: Path, cli, tmp_path: Path) -> None:
+    (project / ".totopatch").mkdir()
+    (project / ".totopatch").chmod(0o555)
+    before = snapshot(project)
+    try:
+        ran = cli(project, "apply", CM)
+    finally:
+        (project / ".totopatch").chmod(0o755)
+    assert ran.exit_code == 5 and "--state-dir" in ran.stderr and snapshot(project) == before
+    assert cli(project, "--state-dir", str(tmp_path / "state"), "apply", CM).exit_code == 0
 
 
 def test_state_dir_keeps_manifest_and_backups_outside_the_tree(project: Path, cli, tmp_path: Path) -> None:

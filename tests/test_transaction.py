@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import errno
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import snapshot
-from totopatch import engine
+from totopatch import engine, transaction
 from totopatch.layout import locate
 from totopatch.spec import Patch, Rewrite
 
@@ -27,6 +27,7 @@ class ThreeFiles:
     id: str = "touch"
     targets: tuple[str, ...] = ("util", "util_optimized", "backtest")
     default: bool = True
+    options: dict = field(default_factory=dict)
 
     def load(self) -> Patch:
         return Patch(self.id, "append a marker", self.targets, _touch)
@@ -41,7 +42,7 @@ def three(project: Path) -> engine.Context:
 
 def failing_second_target_write(monkeypatch, ctx: engine.Context, failure: BaseException) -> None:
     targets = {ctx.layout.target(k).path for k in ThreeFiles().targets}
-    real = engine.atomic_write
+    real = transaction.atomic_write
     seen: list[Path] = []
 
     def write(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -51,7 +52,7 @@ def failing_second_target_write(monkeypatch, ctx: engine.Context, failure: BaseE
                 raise failure
         real(path, data, mode)
 
-    monkeypatch.setattr(engine, "atomic_write", write)
+    monkeypatch.setattr(transaction, "atomic_write", write)
 
 
 @pytest.mark.parametrize(

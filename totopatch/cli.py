@@ -13,6 +13,7 @@ from .engine import Code, Context, Report
 from .layout import LayoutError, locate, state_dir_for
 from .patches import COMPILE_MODES, PATCHES
 from .render import as_json, as_text
+from .smoke_run import BACKENDS, attach_smoke
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,17 @@ def list_patches() -> None:
 @main.command()
 @patch_ids
 @click.option("--dry-run", is_flag=True, help="Print the unified diff; write nothing.")
-@click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="reduce-overhead", show_default=True,
-              help="The Toto loader's new default compile mode.")
+@click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default=None,
+              help="The Toto loader's new default compile mode [default: the recorded one, else reduce-overhead].")
 @click.option("--adopt-legacy", is_flag=True, help="Take over files edited by the old text-based script.")
 @json_option
 @click.pass_obj
-def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode: str, adopt_legacy: bool,
+def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode: str | None, adopt_legacy: bool,
           as_json_output: bool) -> None:
     """Apply all default patches, or only those named."""
     refs = _selected(patch_ids)
-    report = engine.apply(where.context(), refs, {"compile_mode": compile_mode}, dry_run=dry_run,
-                          adopt_legacy=adopt_legacy)
+    options = {"compile_mode": compile_mode} if compile_mode else {}
+    report = engine.apply(where.context(), refs, options, dry_run=dry_run, adopt_legacy=adopt_legacy)
     _finish(report, as_json_output, show_diff=dry_run)
 
 
@@ -113,9 +114,7 @@ def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode:
 @click.pass_obj
 def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output: bool) -> None:
     """Show what is applied, drifted, missing or in conflict. Never writes."""
-    report = engine.status(where.context(), _selected(patch_ids))
-    if check and not report.code and any(i.state not in engine.GOOD_STATES for i in report.items):
-        report.code = Code.NOT_DESIRED
+    report = engine.status(where.context(), _selected(patch_ids), check=check)
     _finish(report, as_json_output)
 
 
@@ -124,7 +123,7 @@ def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output
 @click.option("--smoke", is_flag=True, help="Also compile the patched Toto and run a forecast (CPU, or CUDA if present).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the smoke test runs.")
-@click.option("--backend", default="eager", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
               help="torch.compile backend of the smoke test: eager (dynamo only, fast) or inductor.")
 @click.option("--mode", "compile_mode", type=click.Choice(COMPILE_MODES), default=None,
               help="torch.compile mode of the smoke test (with --backend inductor).")
@@ -136,7 +135,7 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
     context = where.context()
     report = engine.verify(context, _selected(patch_ids))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
-        report = engine.attach_smoke(context, report, device, backend, compile_mode)
+        report = attach_smoke(context, report, device, backend, compile_mode)
     _finish(report, as_json_output)
 
 
@@ -150,8 +149,21 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
 def revert(where: Where, patch_ids: tuple[str, ...], dry_run: bool, force: bool, as_json_output: bool) -> None:
     """Undo recorded changes in reverse order, restoring the exact original bytes."""
     ids = patch_ids or tuple(p.id for p in PATCHES)
-    report = engine.revert(where.context(), _selected(ids), dry_run=dry_run, force=force)
+    report = engine.revert(where.context(), _selected(ids), dry_run=dry_run, force=force,
+                           include_unknown=not patch_ids)
     _finish(report, as_json_output, show_diff=dry_run or bool(report.error))
+
+
+@main.command()
+@patch_ids
+@click.option("--dry-run", is_flag=True, help="Say which records would be dropped; write nothing.")
+@json_option
+@click.pass_obj
+def forget(where: Where, patch_ids: tuple[str, ...], dry_run: bool, as_json_output: bool) -> None:
+    """Drop the records of patched files that were deleted or replaced since; write no target."""
+    ids = patch_ids or tuple(p.id for p in PATCHES)
+    report = engine.forget(where.context(), _selected(ids), dry_run=dry_run, include_unknown=not patch_ids)
+    _finish(report, as_json_output)
 
 
 @main.command()

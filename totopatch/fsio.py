@@ -104,19 +104,29 @@ class Lock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            _flock_or_raise(self.fd, self.path)
+        except BaseException:
             os.close(self.fd)
             self.fd = -1
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise LockedError(f"{self.path}: locked by another totopatch run (pid {holder})") from None
             raise
         previous = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
         self.stale_pid = int(previous) if previous.isdigit() else None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
         return self
+
+    @staticmethod
+    def probe(path: Path) -> None:
+        """Fail fast, without creating the lock file, if another run holds it now."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            _flock_or_raise(fd, path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -130,6 +140,27 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _flock_or_raise(fd: int, path: Path, patience: float = 1.0) -> None:
+    """Take the flock, or raise LockedError naming the holder's pid.
+
+    The holder writes its pid just after taking the lock and clears it just before letting go,
+    so an empty file means one of those moments: try again briefly rather than say "unknown".
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if holder or time.monotonic() > deadline:
+            who = f"pid {holder}" if holder else "a run that has not written its pid"
+            raise LockedError(f"{path}: locked by another totopatch run ({who})")
+        time.sleep(0.01)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -142,7 +142,7 @@ class JournalItem:
 
     op: str  # "add" or "remove"
     entry: Entry
-    result_sha256: str
+    result_sha256: str | None  # None: the file is absent (a forgotten file)
 
 
 def save_journal(path: Path, items: list[JournalItem]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from .engine import Report
+from .outcome import Report
 
 JSON_SCHEMA = 1
 

@@ -1,7 +1,7 @@
 """The contract between the engine and the patch modules in ``totopatch/patches/``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 
@@ -45,7 +45,6 @@ class Patch:
     rewrite: RewriteFn
     adopt_legacy: Callable[[str], str] | None = None
     default: bool = True
-    option_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,7 @@ class PatchRef:
     module: str
     targets: tuple[str, ...]
     default: bool = True
+    options: Mapping[str, str] = field(default_factory=dict)  # every option the patch takes, with its default
 
     def load(self) -> Patch:
         import importlib

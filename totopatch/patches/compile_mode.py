@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from totopatch.patches import COMPILE_MODES as MODES
+from totopatch.patches import COMPILE_MODES as MODES, by_id
 from totopatch.patches._cst import lines_of, parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
-DEFAULT_MODE = "reduce-overhead"
+DEFAULT_MODE = by_id("compile-mode").options["compile_mode"]  # declared once, in the registry
 
 _ENV_NAME = m.SimpleString(value=m.MatchIfTrue(lambda v: "TOTO" in v.upper()))
 _TOTO_ENV_LOOKUP = m.Call(
@@ -157,5 +157,4 @@ PATCH = Patch(
     description="Set the Toto loader's default compile mode (both fallbacks) in the backtest script",
     targets=("backtest",),
     rewrite=rewrite,
-    option_names=("compile_mode",),
 )

@@ -1,0 +1,250 @@
+"""What apply would write: one ``Change`` per file, decided by ``status.classify``."""
+from __future__ import annotations
+
+import datetime
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import __version__, manifest as mf
+from .fsio import sha256
+from .layout import Target, toto_version
+from .merge import unified
+from .outcome import REFUSING_STATES, Abort, Code, Item, Report, State
+from .reading import read, text
+from .spec import Patch, PatchRef, Refusal, Rewrite
+from .state import Context
+from .status import Finding, backup_path, classify, effective_options, options_text, targets
+from .textio import SourceError, check_syntax
+from .transaction import Change
+
+
+def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRef], given: Mapping[str, str],
+         adopt_legacy: bool) -> list[Change]:
+    pending: dict[Path, bytes] = {}  # what each file will hold once earlier patches in this run are written
+    changes: list[Change] = []
+    for ref in refs:
+        for target in targets(ctx, ref):
+            item, change = _plan_one(ctx, manifest, ref, target, pending, given, adopt_legacy)
+            report.items.append(item)
+            if change is not None:
+                changes.append(change)
+                if change.new is not None:
+                    pending[target.path] = change.new
+    return changes
+
+
+def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, pending: dict[Path, bytes],
+              given: Mapping[str, str], adopt_legacy: bool) -> tuple[Item, Change | None]:
+    item = Item(ref.id, target.key, ctx.layout.display(target.path), "")
+    try:
+        data = pending[target.path] if target.path in pending else read(target.path)
+        entry = manifest.find(ref.id, target.base, target.rel)
+        options = effective_options(ref, entry, given)
+        found = classify(ctx, manifest, ref, target, options, data)
+        if found.state != State.REPLACED:
+            return _act(ctx, ref, target, item, found, options, adopt_legacy, pending)
+        item, change = _act(ctx, ref, target, item, classify(ctx, manifest, ref, target, options, data,
+                                                              ignore_entry=True), options, adopt_legacy, pending)
+        return _drop_stale(ctx, item, change, found)
+    except Abort as exc:
+        if exc.code != Code.REFUSED:
+            raise
+        return replace(item, state=State.REFUSED, detail=str(exc)), None
+
+
+def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding, options: dict[str, str],
+         adopt_legacy: bool, pending: dict[Path, bytes]) -> tuple[Item, Change | None]:
+    state, entry = found.state, found.entry
+    if state == State.APPLIED:
+        assert entry is not None
+        recorded = effective_options(ref, entry)
+        if recorded != options:
+            return replace(item, state=State.REFUSED, detail=f"already applied with {options_text(recorded)}; "
+                           "revert it first to apply other options"), None
+        return replace(item, state=State.ALREADY_APPLIED), None
+    if state == State.DRIFTED:
+        return replace(item, state=State.ALREADY_APPLIED, detail="with later edits outside the patched region"), None
+    if state == State.CONFLICT and entry is not None:
+        return replace(item, state=State.CONFLICT, detail="recorded as applied, but the patched region was edited "
+                       "since; see `totopatch status`, or revert --force"), None
+    if state == State.LEGACY:
+        patch = ref.load()
+        if not adopt_legacy or patch.adopt_legacy is None:
+            return replace(item, state=State.LEGACY, detail=f"{found.detail}; "
+                           "rerun with --adopt-legacy to take it over"), None
+        return _adopt(ctx, patch, target, item, found, options, pending)
+    if state == State.APPLIED_UNRECORDED:
+        assert found.data is not None
+        return _plan_unrecorded(ctx, ref.load(), target, item, found.data, options)
+    if state == State.NOT_APPLIED:
+        assert found.data is not None and found.rewritten is not None
+        source, encode = text(target.path, found.data)
+        _check_output(ref.load(), target, found.rewritten.source, options)
+        new_text = found.rewritten.source
+        change = _change(ctx, ref.id, target, found.data, encode(new_text), options, None, pending)
+        return replace(item, state=State.APPLIED, detail="; ".join(found.rewritten.notes),
+                       diff=unified(source, new_text, item.file)), change
+    return replace(item, state=state, detail=found.detail), None
+
+
+def _drop_stale(ctx: Context, item: Item, change: Change | None, stale: Finding) -> tuple[Item, Change | None]:
+    """A target replaced since apply: its record goes, its backup is kept aside in the state folder."""
+    entry = stale.entry
+    assert entry is not None
+    if item.state in REFUSING_STATES:
+        return item, change
+    if change is not None and change.journal is not None:
+        new = change.journal.entry
+        if (new.backup_base, new.backup) == (entry.backup_base, entry.backup):  # the same original, same place
+            added = replace(new, backup_created=new.backup_created or entry.backup_created)
+            change = replace(change, journal=replace(change.journal, entry=added))
+            return replace(item, detail=_joined(stale.detail.removeprefix("target replaced: "), item.detail)), change
+    note = f"{stale.detail.removeprefix('target replaced: ')}; dropped the stale record, kept " \
+        + _keep_aside_note(ctx, entry)
+    first, remove = keep_aside(ctx, entry)
+    if change is None or change.journal is None:
+        change = Change(ctx.layout.resolve(entry.base, entry.file), stale.data, None,
+                        mf.JournalItem("remove", entry, sha256(stale.data) if stale.data is not None else None),
+                        first, remove)
+    else:
+        change = replace(change, first=first + change.first, remove_after=remove + change.remove_after)
+    return replace(item, detail=_joined(note, item.detail)), change
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def keep_aside(ctx: Context, entry: mf.Entry) -> tuple[tuple[tuple[Path, bytes], ...], tuple[Path, ...]]:
+    """Move a backup this tool made beside a target into ``<state>/backups/``: writes first, removals after."""
+    path = backup_path(ctx, entry)
+    if entry.backup_base == "state" or not entry.backup_created:
+        return (), ()
+    data = read(path)
+    if data is None or sha256(data) != entry.backup_sha256:
+        return (), ()
+    return ((ctx.layout.state_dir / "backups" / entry.backup_sha256, data),), (path,)
+
+
+def _keep_aside_note(ctx: Context, entry: mf.Entry) -> str:
+    if entry.backup_base == "state" or not entry.backup_created:
+        return f"its backup at {ctx.layout.display(backup_path(ctx, entry))}"
+    return f"its backup as {ctx.layout.display(ctx.layout.state_dir / 'backups' / entry.backup_sha256)}"
+
+
+def _check_output(patch: Patch, target: Target, new: str, options: Mapping[str, str]) -> None:
+    """A patch's output must parse and be a fixed point of the patch."""
+    try:
+        check_syntax(new, str(target.path))
+    except SourceError as exc:
+        raise Abort(Code.REFUSED, f"{target.path}: patch {patch.id} produced invalid output ({exc}); nothing written")
+    if patch.rewrite(new, options).source != new:
+        raise Abort(Code.REFUSED, f"{target.path}: patch {patch.id} is not stable on its own output; nothing written")
+
+
+def _rewrite(patch: Patch, target: Target, source: str, options: Mapping[str, str]) -> Rewrite:
+    result = patch.rewrite(source, options)
+    if result.source != source:
+        _check_output(patch, target, result.source, options)
+    return result
+
+
+def _adopt(ctx: Context, patch: Patch, target: Target, item: Item, found: Finding, options: dict[str, str],
+           pending: dict[Path, bytes]) -> tuple[Item, Change | None]:
+    assert found.data is not None
+    legacy = found.data
+    source, encode = text(target.path, legacy)
+    original, original_text = _pre_legacy(patch, target, source, encode)
+    try:
+        result = _rewrite(patch, target, original_text, options)
+    except Refusal as exc:
+        return replace(item, state=State.CONFLICT, detail=exc.reason), None
+    detail = "; ".join(("adopted the legacy script's file",) + result.notes)
+    change = _change(ctx, patch.id, target, original, encode(result.source), options, legacy, pending)
+    return replace(item, state=State.APPLIED, detail=detail,
+                   diff=unified(original_text, result.source, item.file)), change
+
+
+def _pre_legacy(patch: Patch, target: Target, source: str, encode: Callable[[str], bytes]) -> tuple[bytes, str]:
+    """The file as it was before the legacy script: its .backup when consistent, else the legacy lines removed."""
+    assert patch.adopt_legacy is not None
+    try:
+        cleaned = patch.adopt_legacy(source)
+    except Refusal as exc:
+        raise Abort(Code.REFUSED, f"{target.path}: cannot adopt the legacy edit ({exc.reason}); nothing written")
+    sibling = Path(str(target.path) + ".backup")
+    legacy_backup = read(sibling)
+    if legacy_backup is not None:
+        try:
+            backup_text, _ = text(sibling, legacy_backup)
+        except Abort:
+            backup_text = None
+        # The old script rewrote line endings; its .backup still has the original ones.
+        if backup_text is not None and backup_text.replace("\r\n", "\n") == cleaned.replace("\r\n", "\n"):
+            return legacy_backup, backup_text
+    return encode(cleaned), cleaned
+
+
+def _plan_unrecorded(ctx: Context, patch: Patch, target: Target, item: Item, data: bytes,
+                     options: dict[str, str]) -> tuple[Item, Change | None]:
+    """The patch is in the file already: record it if a backup proves what the original was."""
+    source, _ = text(target.path, data)
+    for backup in _backup_candidates(ctx, target):
+        try:
+            original = read(backup)
+            if original is None:
+                continue
+            original_text, _ = text(backup, original)
+            if original_text != source and patch.rewrite(original_text, options).source == source:
+                change = replace(_change(ctx, patch.id, target, original, data, options, None, {}), old=data)
+                return replace(item, state=State.RECORDED,
+                               detail=f"already patched; recorded with {ctx.layout.display(backup)} as original"), change
+        except (Refusal, Abort):
+            continue
+    return replace(item, state=State.ALREADY_APPLIED,
+                   detail="patched, but no backup of the original was found: revert cannot undo it"), None
+
+
+def _backup_candidates(ctx: Context, target: Target) -> list[Path]:
+    found = [Path(str(target.path) + ".backup")]
+    folder = ctx.layout.state_dir / "backups"
+    if folder.is_dir():
+        found += sorted(folder.iterdir())
+    return found
+
+
+def _change(ctx: Context, patch_id: str, target: Target, before: bytes, after: bytes, options: dict[str, str],
+            legacy: bytes | None, pending: dict[Path, bytes]) -> Change:
+    """The write of ``after`` over the file, its backup, and the manifest entry it completes."""
+    backup_base, backup_rel, create = _backup_place(ctx, target, before, pending)
+    legacy_rel = f"backups/{sha256(legacy)}" if legacy is not None else None
+    entry = mf.Entry(
+        patch=patch_id, base=target.base, file=target.rel,
+        before_sha256=sha256(before), after_sha256=sha256(after),
+        backup_base=backup_base, backup=backup_rel, backup_sha256=sha256(before), backup_created=create,
+        options=options, totopatch_version=__version__,
+        toto_version=toto_version(ctx.layout.toto_parent) if target.base == "toto" else None,
+        applied_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        legacy_sha256=sha256(legacy) if legacy is not None else None, legacy_backup=legacy_rel,
+    )
+    first: list[tuple[Path, bytes]] = []
+    if legacy is not None and legacy_rel:
+        first.append((ctx.layout.state_dir / legacy_rel, legacy))
+    if create:
+        first.append((ctx.layout.resolve(backup_base, backup_rel), before))
+    old = legacy if legacy is not None else before
+    return Change(target.path, old, after, mf.JournalItem("add", entry, entry.after_sha256), tuple(first))
+
+
+def _backup_place(ctx: Context, target: Target, before: bytes, pending: dict[Path, bytes]) -> tuple[str, str, bool]:
+    """Where the original goes: ``<file>.backup`` unless that holds something else, then content-addressed."""
+    sibling = Path(str(target.path) + ".backup")
+    if not ctx.backups_in_state and target.path not in pending:
+        existing = read(sibling)
+        if existing is None:
+            return target.base, target.rel + ".backup", True
+        if existing == before:
+            return target.base, target.rel + ".backup", False
+    rel = f"backups/{sha256(before)}"
+    return "state", rel, read(ctx.layout.state_dir / rel) != before

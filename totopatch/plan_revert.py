@@ -1,0 +1,164 @@
+"""What revert (and forget) would write: the verified original back, or the patch merged out, or the record dropped."""
+from __future__ import annotations
+
+import datetime
+from dataclasses import replace
+from pathlib import Path
+
+from . import manifest as mf
+from .fsio import sha256
+from .merge import three_way
+from .outcome import Abort, Item, Report, State
+from .patches import by_id
+from .plan_apply import keep_aside
+from .reading import diff, read, text
+from .spec import Refusal
+from .state import Context
+from .status import backup_path, replaced, verified_backup
+from .textio import SourceError, check_syntax
+from .transaction import Change
+
+
+def select(manifest: mf.Manifest, ids: set[str], include_unknown: bool) -> list[mf.Entry]:
+    """The recorded entries of these patches, newest first (with those of patches this version does not know)."""
+    return [e for e in reversed(manifest.entries) if e.patch in ids or (include_unknown and by_id(e.patch) is None)]
+
+
+def plan(ctx: Context, report: Report, manifest: mf.Manifest, entries: list[mf.Entry], force: bool) -> list[Change]:
+    pending: dict[Path, bytes | None] = {}
+    changes: list[Change] = []
+    for entry in entries:
+        item, change = _plan_one(ctx, entry, pending, force)
+        report.items.append(item)
+        if change is not None:
+            changes.append(change)
+            pending[change.path] = change.new if change.new is not None else change.old
+    return _drop_unneeded_backups(ctx, manifest, entries, changes)
+
+
+def plan_forget(ctx: Context, report: Report, entries: list[mf.Entry]) -> list[Change]:
+    """Drop the records of files that are gone or were replaced; write nothing else."""
+    changes = []
+    for entry in entries:
+        path = ctx.layout.resolve(entry.base, entry.file)
+        data = read(path)
+        current = None if data is None else sha256(data)
+        why = "the file is gone" if current is None else replaced(ctx, entry, current)
+        if why and current != entry.after_sha256:
+            item, change = _forget(ctx, entry, path, data, why)
+            report.items.append(item)
+            changes.append(change)
+    if not changes:
+        report.notes.append("nothing to forget: every recorded file is still there and still the one patched")
+    return changes
+
+
+def _item(ctx: Context, entry: mf.Entry, path: Path) -> Item:
+    return Item(entry.patch, ctx.layout.key_for(entry.base, entry.file), ctx.layout.display(path), "")
+
+
+def _forget(ctx: Context, entry: mf.Entry, path: Path, data: bytes | None, why: str) -> tuple[Item, Change]:
+    """Drop the record without writing the file; a backup this tool left beside it moves to the state folder."""
+    first, remove = keep_aside(ctx, entry)
+    kept = first[0][0] if first else backup_path(ctx, entry)
+    detail = f"{why.removeprefix('target replaced: ')}; nothing restored, record dropped, original kept at " \
+        f"{ctx.layout.display(kept)}"
+    journal = mf.JournalItem("remove", entry, None if data is None else sha256(data))
+    return replace(_item(ctx, entry, path), state=State.FORGOTTEN, detail=detail), \
+        Change(path, data, None, journal, first, remove)
+
+
+def _plan_one(ctx: Context, entry: mf.Entry, pending: dict[Path, bytes | None],
+              force: bool) -> tuple[Item, Change | None]:
+    path = ctx.layout.resolve(entry.base, entry.file)
+    item = _item(ctx, entry, path)
+    data = pending[path] if path in pending else read(path)
+    if data is None:
+        return _forget(ctx, entry, path, None, "the file is gone")
+    current = sha256(data)
+    if current != entry.after_sha256 and (why := replaced(ctx, entry, current)) and current != entry.before_sha256:
+        return _forget(ctx, entry, path, data, why)  # never one version's bytes into another
+    before = verified_backup(ctx, entry)
+    remove = mf.JournalItem("remove", entry, entry.before_sha256)
+    if current == entry.after_sha256:
+        return replace(item, state=State.REVERTED, diff=diff(path, data, before, item.file)), \
+            Change(path, data, before, remove)
+    if current == entry.before_sha256:
+        return replace(item, state=State.REVERTED, detail="already the original; dropped from the manifest"), \
+            Change(path, data, data, remove)
+    merged = _merge_out(entry, path, data, before)
+    if merged is not None:
+        journal = mf.JournalItem("remove", entry, sha256(merged))
+        return replace(item, state=State.REVERTED, detail="merged: your later edits were kept",
+                       diff=diff(path, data, merged, item.file)), Change(path, data, merged, journal)
+    change_diff = diff(path, _expected_after(entry, path, before) or before, data, item.file)
+    unknown = "" if by_id(entry.patch) else f"recorded by patch {entry.patch}, which this totopatch does not know; "
+    if not force:
+        return replace(item, state=State.CONFLICT, detail=f"{unknown}edited inside the patched region since apply; "
+                       "revert --force restores the original and saves your version aside", diff=change_diff), None
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    aside = ctx.layout.state_dir / "saved" / f"{Path(entry.file).name}.{stamp}.{current[:12]}"
+    return replace(item, state=State.REVERTED, detail=f"forced: your version was saved to {ctx.layout.display(aside)}",
+                   diff=change_diff), Change(path, data, before, remove, first=((aside, data),))
+
+
+def _expected_after(entry: mf.Entry, path: Path, before: bytes) -> bytes | None:
+    """What the patch makes of the original, if that still hashes to what the manifest recorded."""
+    ref = by_id(entry.patch)
+    if ref is None:
+        return None
+    source, encode = text(path, before)
+    try:
+        after = encode(ref.load().rewrite(source, _options(entry)).source)
+    except Refusal:
+        return None
+    return after if sha256(after) == entry.after_sha256 else None
+
+
+def _options(entry: mf.Entry) -> dict[str, str]:
+    from .status import effective_options
+
+    ref = by_id(entry.patch)
+    return effective_options(ref, entry) if ref else dict(entry.options)
+
+
+def _merge_out(entry: mf.Entry, path: Path, data: bytes, before: bytes) -> bytes | None:
+    """The user's file with only the patch's change taken out, proven by re-applying the patch."""
+    ref = by_id(entry.patch)
+    after = _expected_after(entry, path, before)
+    if after is None or ref is None:
+        return None
+    try:
+        after_text, _ = text(path, after)
+        before_text, _ = text(path, before)
+        current_text, encode = text(path, data)
+    except Abort:
+        return None
+    merged = three_way(after_text, current_text, before_text)
+    if merged is None:
+        return None
+    try:
+        check_syntax(merged, str(path))
+        if ref.load().rewrite(merged, _options(entry)).source != current_text:
+            return None
+    except (Refusal, SourceError):
+        return None
+    return encode(merged)
+
+
+def _drop_unneeded_backups(ctx: Context, manifest: mf.Manifest, reverted: list[mf.Entry],
+                           changes: list[Change]) -> list[Change]:
+    """Delete the backups this tool created, once no remaining entry needs them."""
+    remaining = [e for e in manifest.entries if e not in reverted]
+    needed = {(e.backup_base, e.backup) for e in remaining}
+    out = list(changes)
+    for entry in reverted:
+        if not entry.backup_created or (entry.backup_base, entry.backup) in needed:
+            continue
+        path = ctx.layout.resolve(entry.base, entry.file)
+        backup = backup_path(ctx, entry)
+        for index, change in enumerate(out):
+            if change.path == path and change.new is not None and backup not in change.remove_after:
+                out[index] = replace(change, remove_after=change.remove_after + (backup,))
+                break
+    return out

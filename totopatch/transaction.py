@@ -1,0 +1,236 @@
+"""The one write path of apply, revert and forget: plan, then lock, journal, atomic writes, manifest.
+
+Nothing is locked or written for a run that is refused; a run that writes takes ``<state>/lock``,
+finishes whatever an interrupted run left, re-plans if another run changed anything meanwhile,
+and then writes everything or nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from . import manifest as mf
+from .fsio import Lock, LockedError, atomic_write, clear_bytecode, crash_point, is_hardlinked, remove_stale_temps, sha256
+from .outcome import DRY_STATES, REFUSING_STATES, WRITING_STATES, Abort, Code, Report, State
+from .reading import read
+from .state import Context, bind, load
+
+
+@dataclass(frozen=True)
+class Change:
+    """One file the command changes (or only its record), with the manifest operation it completes."""
+
+    path: Path
+    old: bytes | None  # None: the file is absent
+    new: bytes | None  # None or equal to old: the file is not written
+    journal: mf.JournalItem | None = None
+    first: tuple[tuple[Path, bytes], ...] = ()  # written before the file: backups, the user's version
+    remove_after: tuple[Path, ...] = ()  # deleted once the file is written: backups nothing needs
+
+    @property
+    def writes(self) -> bool:
+        return self.new is not None and self.new != self.old
+
+
+Plan = Callable[[mf.Manifest], list[Change]]  # appends its items to the report
+
+
+def run(ctx: Context, report: Report, plan: Plan, *, dry_run: bool = False) -> Report:
+    """Plan without the lock; refuse, show (dry run) or, under the lock, commit."""
+    try:
+        if not dry_run:
+            Lock.probe(ctx.lock_path)
+        loaded = load(ctx)
+        changes = plan(loaded.manifest)
+        if _refused(report):
+            return report
+        if dry_run:
+            report.items = [replace(i, state=DRY_STATES.get(i.state, i.state)) for i in report.items]
+            return report
+        if not changes and not loaded.journal:
+            return report
+        preflight(ctx, changes)
+        with Lock(ctx.lock_path) as lock:
+            crash_point("after-lock")
+            if lock.stale_pid is not None:
+                report.notes.append(f"recovered a stale lock left by pid {lock.stale_pid}")
+            manifest = _recover(ctx, report)
+            if loaded.journal or manifest != loaded.manifest or any(read(c.path) != c.old for c in changes):
+                report.items.clear()  # recovery or another run changed things: plan again, under the lock
+                changes = plan(manifest)
+                if _refused(report):
+                    return report
+                preflight(ctx, changes)
+            if changes:
+                _commit(ctx, report, changes, manifest)
+    except LockedError as exc:
+        _skip(report, Code.LOCKED, str(exc))
+    except Abort as exc:
+        _skip(report, exc.code, str(exc))
+    return report
+
+
+def _refused(report: Report) -> bool:
+    refused = [i for i in report.items if i.state in REFUSING_STATES]
+    if refused:
+        _skip(report, Code.REFUSED, "refused: " + "; ".join(f"{i.file}: {i.detail}" for i in refused)
+              + "; nothing was written")
+    return bool(refused)
+
+
+def _skip(report: Report, code: Code, error: str) -> None:
+    """Fail the run; no item may claim a write that did not happen."""
+    report.items = [replace(i, state=State.SKIPPED, detail="nothing written: the run failed")
+                    if i.state in WRITING_STATES else i for i in report.items]
+    report.fail(code, error)
+
+
+# ---------------------------------------------------------------- checks before the lock
+
+
+def preflight(ctx: Context, changes: list[Change]) -> None:
+    """Refuse before locking or writing anything if a target, its folder or the state folder is read-only."""
+    for change in changes:
+        if not change.writes:
+            continue
+        real = Path(os.path.realpath(change.path))
+        for probe, what in ((real, "target file is read-only"), (real.parent, "its folder is not writable")):
+            if not can_write(probe):
+                raise Abort(Code.PERMISSION, f"{change.path}: {what} (permission denied); nothing was changed; "
+                            "patch a copy you own (--root), or run as a user who can write it")
+    state = ctx.layout.state_dir
+    if not can_write(state if state.exists() else state.parent):
+        raise Abort(Code.PERMISSION, f"{state}: state folder is not writable (permission denied); "
+                    "nothing was changed; keep the manifest and backups elsewhere with --state-dir DIR")
+
+
+def can_write(path: Path) -> bool:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return can_write(path.parent) if path.parent != path else False
+    return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(path, os.W_OK)
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def _recover(ctx: Context, report: Report) -> mf.Manifest:
+    """Finish recording what an interrupted run wrote, and clear what it left."""
+    loaded = load(ctx)
+    for folder in {ctx.layout.resolve(i.entry.base, i.entry.file).parent for i in loaded.journal}:
+        for temp in remove_stale_temps(folder):
+            report.notes.append(f"removed {ctx.layout.display(temp)} left by an interrupted write")
+    if not loaded.journal:
+        return loaded.manifest
+    for path in _orphan_backups(ctx, loaded.manifest, loaded.journal):
+        _io(lambda: path.unlink(missing_ok=True))
+        report.notes.append(f"removed {ctx.layout.display(path)}, a backup made by an interrupted apply")
+    _io(lambda: mf.save(ctx.manifest_path, bind(ctx, loaded.manifest)))
+    _io(lambda: ctx.journal_path.unlink())
+    report.notes.append("finished recording a run that was interrupted")
+    return loaded.manifest
+
+
+def _orphan_backups(ctx: Context, manifest: mf.Manifest, journal: list[mf.JournalItem]) -> list[Path]:
+    """Backups an interrupted apply created for changes it never made."""
+    kept = {(e.backup_base, e.backup) for e in manifest.entries}
+    orphans = []
+    for item in journal:
+        entry = item.entry
+        if item.op != "add" or not entry.backup_created or (entry.backup_base, entry.backup) in kept:
+            continue
+        path = ctx.layout.resolve(entry.backup_base, entry.backup)
+        data = read(path)
+        if data is not None and sha256(data) == entry.backup_sha256:
+            orphans.append(path)
+    return orphans
+
+
+# ---------------------------------------------------------------- the all-or-nothing write
+
+
+def _commit(ctx: Context, report: Report, changes: list[Change], manifest: mf.Manifest) -> None:
+    """Journal, backups, files, manifest; roll every file back on any failure."""
+    journal = [c.journal for c in changes if c.journal is not None]
+    linked = [c.path for c in changes if c.writes and is_hardlinked(c.path)]
+    undo: list[tuple[Path, bytes | None]] = []
+    try:
+        mf.save_journal(ctx.journal_path, journal)
+        for change in changes:
+            _write_change(change, undo)
+        for item in journal:
+            manifest = manifest.with_entry(item.entry) if item.op == "add" else manifest.without(item.entry)
+        crash_point("before-manifest")
+        mf.save(ctx.manifest_path, bind(ctx, manifest))
+        ctx.journal_path.unlink()
+    except BaseException as exc:
+        _rollback(undo)
+        ctx.journal_path.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):
+            raise
+        raise Abort(*_io_failure(exc)) from None
+    for change in changes:
+        if change.writes:
+            clear_bytecode(change.path)
+        if change.old is None:
+            _prune_empty(change.path.parent, ctx.layout.toto_parent)
+    for path in linked:
+        report.notes.append(f"{ctx.layout.display(path)} was hard-linked: it now has its own copy, "
+                            "and the other links keep the original bytes")
+
+
+def _write_change(change: Change, undo: list[tuple[Path, bytes | None]]) -> None:
+    for path, data in change.first:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        undo.append((path, read(path)))
+        atomic_write(path, data, 0o644)
+    crash_point("after-backup")
+    if change.writes:
+        assert change.new is not None
+        undo.append((change.path, change.old))
+        atomic_write(change.path, change.new)
+    crash_point("after-write")
+    for path in change.remove_after:
+        undo.append((path, read(path)))
+        path.unlink(missing_ok=True)
+
+
+def _rollback(undo: list[tuple[Path, bytes | None]]) -> None:
+    for path, old in reversed(undo):
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, old)
+
+
+def _prune_empty(folder: Path, stop: Path) -> None:
+    """Remove folders that a forgotten file's backup kept alive (an uninstalled package), up to ``stop``."""
+    with contextlib.suppress(OSError, ValueError):
+        folder.relative_to(stop)
+        while folder != stop and not any(p.name != "__pycache__" for p in folder.iterdir()):
+            for cache in folder.iterdir():
+                for pyc in cache.iterdir():
+                    pyc.unlink()
+                cache.rmdir()
+            folder.rmdir()
+            folder = folder.parent
+
+
+def _io_failure(exc: BaseException) -> tuple[Code, str]:
+    """A failure part-way through writing is always the I/O code: by now everything is rolled back."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return Code.IO, f"{where}write failed ({exc.strerror or exc}); every file was rolled back"
+    return Code.IO, f"write failed ({exc.__class__.__name__}: {exc}); every file was rolled back"
+
+
+def _io(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except OSError as exc:
+        raise Abort(*_io_failure(exc)) from None
