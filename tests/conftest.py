@@ -70,6 +70,7 @@ def cli():
 
 
 @pytest.fixture(autouse=True)
-def _no_crash_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_crash_hook(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.delenv("TOTOPATCH_TEST_CRASH_AT", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("user-state")))  # --installed state
     monkeypatch.chdir(os.getcwd())

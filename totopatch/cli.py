@@ -8,9 +8,9 @@ from typing import NoReturn
 
 import click
 
-from . import __version__, engine, manifest as mf
+from . import __version__, engine
 from .engine import Code, Context, Report
-from .layout import LayoutError, locate, state_dir_for
+from .state import open_context
 from .patches import COMPILE_MODES, PATCHES
 from .render import as_json, as_text
 from .smoke_run import BACKENDS, attach_smoke
@@ -24,18 +24,10 @@ class Where:
     state_dir: Path | None
 
     def context(self) -> Context:
-        state = state_dir_for(self.root, self.state_dir) if self.root.is_dir() else None
-        recorded = None
-        if state is not None:
-            try:
-                recorded = mf.load(state / "manifest.json").toto_dir
-            except mf.StateError as exc:
-                _die(Code.STATE, str(exc))
         try:
-            layout = locate(self.root, self.installed, self.backtest, self.state_dir, recorded)
-        except LayoutError as exc:
-            _die(Code.USAGE, str(exc))
-        return Context(layout, backups_in_state=self.state_dir is not None)
+            return open_context(self.root, self.installed, self.backtest, self.state_dir)
+        except engine.Abort as exc:
+            _die(exc.code, str(exc))
 
 
 def _die(code: Code, message: str) -> NoReturn:

@@ -1,6 +1,7 @@
 """Where the files are: the Toto tree, the backtest script and the state folder."""
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import os
 import re
@@ -47,6 +48,7 @@ class Layout:
     toto_parent: Path
     backtest_rel: str
     state_dir: Path
+    backtest_required: bool = False  # named with --backtest: it must exist
 
     def base_dir(self, base: str) -> Path:
         return {"toto": self.toto_parent, "root": self.root, "state": self.state_dir}[base]
@@ -54,7 +56,8 @@ class Layout:
     def target(self, key: str) -> Target:
         spec = TARGETS[key]
         rel = self.backtest_rel if key == "backtest" else spec.path
-        return Target(key, spec.base, rel, self.base_dir(spec.base) / rel, spec.optional)
+        optional = spec.optional and not (key == "backtest" and self.backtest_required)
+        return Target(key, spec.base, rel, self.base_dir(spec.base) / rel, optional)
 
     def key_for(self, base: str, rel: str) -> str:
         """The target key of a recorded file, or the file itself where no key matches."""
@@ -82,11 +85,20 @@ def locate(
         raise LayoutError(f"{root}: --root is not a directory")
     root = root.resolve()
     toto_parent = _find_toto(root, installed, recorded_toto)
-    return Layout(root, toto_parent, _backtest_rel(root, backtest), state_dir_for(root, state_dir))
+    return Layout(root, toto_parent, _backtest_rel(root, backtest), state_dir_for(root, state_dir),
+                  backtest is not None)
 
 
 def state_dir_for(root: Path, state_dir: Path | None) -> Path:
     return (state_dir or root.resolve() / ".totopatch").absolute()
+
+
+def user_state_dir(toto_parent: Path) -> Path:
+    """Where ``--installed`` keeps its state: per user, keyed by the package's resolved folder, so any
+    working directory finds it and a read-only site-packages needs no write beyond the patched files."""
+    home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    key = hashlib.sha256(str(toto_parent.resolve()).encode()).hexdigest()[:16]
+    return Path(home).absolute() / "totopatch" / f"toto-{key}"
 
 
 def _find_toto(root: Path, installed: bool, recorded: str | None) -> Path:
@@ -98,7 +110,7 @@ def _find_toto(root: Path, installed: bool, recorded: str | None) -> Path:
     for parent in (root / "toto", root):
         if (parent / "toto" / "model" / "util.py").is_file():
             return parent
-    if recorded and (Path(recorded) / "toto" / "model" / "util.py").is_file():
+    if recorded and Path(recorded).is_dir():  # the tree this state belongs to, even with its files gone
         return Path(recorded)
     raise LayoutError(f"{root}: no Toto tree found; looked for {' and '.join(LAYOUTS)}; "
                       "use --root DIR or --installed")

@@ -3,6 +3,7 @@
 Schema (version 1), stored as ``<state>/manifest.json``::
 
     {"schema": 1, "toto_dir": "/abs/dir/holding/the/toto/package" | null,
+     "root": "/abs/root" | null, "backtest": "/abs/backtest/script.py" | null,   # the tree it belongs to
      "entries": [Entry, ...]}          # in order of application
 
 Paths in entries are relative to their base: "toto" (the folder that holds the ``toto``
@@ -55,6 +56,8 @@ class Entry:
 class Manifest:
     toto_dir: str | None = None
     entries: tuple[Entry, ...] = ()
+    root: str | None = None
+    backtest: str | None = None
 
     def find(self, patch: str, base: str, file: str) -> Entry | None:
         return next((e for e in self.entries if e.key == (patch, base, file)), None)
@@ -85,16 +88,19 @@ def parse(raw: bytes, where: str) -> Manifest:
         raise StateError(f"{where}: manifest is corrupt ({exc}); expected totopatch manifest JSON") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), list):
         raise StateError(f"{where}: not a totopatch manifest of schema {SCHEMA}")
-    toto_dir = data.get("toto_dir")
-    if toto_dir is not None and not isinstance(toto_dir, str):
-        raise StateError(f"{where}: toto_dir must be a string")
-    return Manifest(toto_dir, tuple(_entry(e, where) for e in data["entries"]))
+    for name in ("toto_dir", "root", "backtest"):
+        if data.get(name) is not None and not isinstance(data.get(name), str):
+            raise StateError(f"{where}: {name} must be a string")
+    return Manifest(data.get("toto_dir"), tuple(_entry(e, where) for e in data["entries"]), data.get("root"),
+                    data.get("backtest"))
 
 
 def dump(manifest: Manifest) -> bytes:
     data: dict[str, Any] = {
         "schema": SCHEMA,
         "toto_dir": manifest.toto_dir,
+        "root": manifest.root,
+        "backtest": manifest.backtest,
         "entries": [asdict(e) for e in manifest.entries],
     }
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
@@ -157,14 +163,29 @@ def load_journal(path: Path) -> list[JournalItem]:
         raw = path.read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read the journal of an interrupted run ({exc.strerror}); "
+                         "make it a readable file, or move it aside to drop that run's record") from None
     try:
         data = json.loads(raw)
-        items = [JournalItem(i["op"], _entry(i["entry"], str(path)), i["result_sha256"]) for i in data["items"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateError(f"{path}: journal of an interrupted run is corrupt ({exc})") from None
-    if any(i.op not in ("add", "remove") for i in items):
+    except (UnicodeDecodeError, ValueError):
+        data = None
+    items = data.get("items") if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        found = "an empty file" if not raw.strip() else f"{type(data).__name__ if data is not None else 'not JSON'}"
+        raise StateError(f"{path}: not a totopatch journal (expected an object with schema {SCHEMA} and items, "
+                         f"found {found}); move it aside, then `totopatch status` shows each file's state") from None
+    try:
+        out = [JournalItem(i["op"], _entry(i["entry"], str(path)), i["result_sha256"]) for i in items]
+    except (KeyError, TypeError) as exc:
+        raise StateError(f"{path}: journal of an interrupted run is corrupt (missing {exc}); "
+                         "move it aside, then `totopatch status` shows each file's state") from None
+    if any(i.op not in ("add", "remove") for i in out):
         raise StateError(f"{path}: journal has an unknown operation")
-    return items
+    if any(i.result_sha256 is not None and not (isinstance(i.result_sha256, str) and _SHA.match(i.result_sha256))
+           for i in out):
+        raise StateError(f"{path}: journal has a bad result_sha256")
+    return out
 
 
 def replay(manifest: Manifest, items: list[JournalItem], current: dict[tuple[str, str], str | None]) -> Manifest:

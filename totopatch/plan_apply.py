@@ -94,15 +94,16 @@ def _drop_stale(ctx: Context, item: Item, change: Change | None, stale: Finding)
     assert entry is not None
     if item.state in REFUSING_STATES:
         return item, change
+    note = f"{stale.detail.removeprefix('target replaced: ')}; dropped the stale record"
     if change is not None and change.journal is not None:
         new = change.journal.entry
         if (new.backup_base, new.backup) == (entry.backup_base, entry.backup):  # the same original, same place
             added = replace(new, backup_created=new.backup_created or entry.backup_created)
             change = replace(change, journal=replace(change.journal, entry=added))
-            return replace(item, detail=_joined(stale.detail.removeprefix("target replaced: "), item.detail)), change
-    note = f"{stale.detail.removeprefix('target replaced: ')}; dropped the stale record, kept " \
-        + _keep_aside_note(ctx, entry)
+            return replace(item, detail=_joined(note, item.detail)), change
     first, remove = keep_aside(ctx, entry)
+    if first or read(backup_path(ctx, entry)) is not None:
+        note += ", kept " + _keep_aside_note(ctx, entry)
     if change is None or change.journal is None:
         change = Change(ctx.layout.resolve(entry.base, entry.file), stale.data, None,
                         mf.JournalItem("remove", entry, sha256(stale.data) if stale.data is not None else None),

@@ -1,12 +1,13 @@
 """The state folder: the manifest and the journal of an interrupted run, always read together."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import manifest as mf
 from .fsio import sha256
-from .layout import Layout
+from .layout import Layout, LayoutError, locate, state_dir_for, user_state_dir
 from .outcome import Abort, Code
 from .reading import read
 
@@ -38,11 +39,56 @@ class Loaded:
     recorded: mf.Manifest  # the manifest as it is on disk
 
 
+def open_context(root: Path, installed: bool = False, backtest: Path | None = None,
+                 state_dir: Path | None = None) -> Context:
+    """Find the tree and its state folder; raise Abort(USAGE) naming what was expected."""
+    if state_dir is not None and state_dir.exists() and not state_dir.is_dir():
+        raise Abort(Code.USAGE, f"{state_dir}: --state-dir must be a folder, found a file")
+    try:
+        if installed:
+            layout = locate(root, True, backtest)
+            state = (state_dir or user_state_dir(layout.toto_parent)).absolute()
+            return Context(replace(layout, state_dir=state), backups_in_state=True)
+        recorded = _recorded(state_dir_for(root, state_dir)) if root.is_dir() else None
+        layout = locate(root, False, backtest, state_dir, recorded.toto_dir if recorded else None)
+        if state_dir is None and recorded is None and (owner := _ancestor_owning(layout)) is not None:
+            layout = replace(locate(owner, False, backtest), toto_parent=layout.toto_parent)
+    except LayoutError as exc:
+        raise Abort(Code.USAGE, str(exc)) from None
+    if layout.state_dir.exists() and not layout.state_dir.is_dir():
+        raise Abort(Code.USAGE, f"{layout.state_dir}: the state folder is a file; move it, or use --state-dir DIR")
+    return Context(layout, backups_in_state=state_dir is not None)
+
+
+def _recorded(state: Path) -> mf.Manifest | None:
+    """The manifest in ``state`` if it records anything."""
+    if not (state / "manifest.json").is_file():
+        return None
+    try:
+        manifest = mf.load(state / "manifest.json")
+    except mf.StateError as exc:
+        raise Abort(Code.STATE, str(exc)) from None
+    return manifest if manifest.entries else None
+
+
+def _ancestor_owning(layout: Layout) -> Path | None:
+    """A folder above the root whose state records this Toto tree (run from inside a project)."""
+    for folder in layout.root.parents:
+        try:
+            recorded = _recorded(folder / ".totopatch")
+        except Abort:
+            continue
+        if recorded is not None and recorded.toto_dir and Path(recorded.toto_dir).resolve() == layout.toto_parent.resolve():
+            return folder
+    return None
+
+
 def load(ctx: Context) -> Loaded:
     try:
         recorded, journal = mf.load(ctx.manifest_path), mf.load_journal(ctx.journal_path)
     except mf.StateError as exc:
         raise Abort(Code.STATE, str(exc)) from None
+    check_owner(ctx, recorded)
     manifest = mf.replay(recorded, journal, current_hashes(ctx, journal)) if journal else recorded
     return Loaded(manifest, journal, recorded)
 
@@ -57,6 +103,27 @@ def current_hashes(ctx: Context, items: list[mf.JournalItem]) -> dict[tuple[str,
 
 def bind(ctx: Context, manifest: mf.Manifest) -> mf.Manifest:
     """The manifest as saved: it names the tree it belongs to."""
-    from dataclasses import replace
+    backtest = ctx.layout.target("backtest").path
+    return replace(manifest, toto_dir=str(ctx.layout.toto_parent.resolve()), root=str(ctx.layout.root),
+                   backtest=str(backtest) if backtest.exists() else None)
 
-    return replace(manifest, toto_dir=str(ctx.layout.toto_parent))
+
+def check_owner(ctx: Context, recorded: mf.Manifest) -> None:
+    """Refuse a state folder that records changes to another tree, naming both."""
+    if not recorded.entries:
+        return
+    layout = ctx.layout
+    toto, root = layout.toto_parent.resolve(), layout.root
+    their_toto = Path(recorded.toto_dir).resolve() if recorded.toto_dir else None
+    their_root = Path(recorded.root) if recorded.root else None
+    if their_root is not None and their_root != root and layout.state_dir == root / ".totopatch":
+        # the state lives inside the tree: the tree was moved or copied, and the state with it
+        if their_toto is not None:
+            their_toto = Path(os.path.normpath(root / os.path.relpath(their_toto, their_root)))
+        their_root = root
+    if their_toto is not None and their_toto != toto and any(e.base == "toto" for e in recorded.entries):
+        raise Abort(Code.USAGE, f"{layout.state_dir}: this state belongs to the Toto tree {their_toto}, "
+                    f"not {toto}; use that tree's state, or another --state-dir for this one")
+    if their_root is not None and their_root != root and any(e.base == "root" for e in recorded.entries):
+        raise Abort(Code.USAGE, f"{layout.state_dir}: this state belongs to the root {their_root}, not {root}; "
+                    f"run with --root {their_root}, or use another --state-dir for this root")

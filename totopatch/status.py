@@ -109,6 +109,7 @@ def status(ctx: Context, refs: list[PatchRef], *, check: bool = False) -> Report
         for ref in refs:
             for target in targets(ctx, ref):
                 report.items.append(_status_item(ctx, loaded.manifest, ref, target))
+        report.notes.extend(unknown_notes(ctx, loaded.manifest))
         report.notes.extend(import_notes(ctx, loaded.manifest))
     except Abort as exc:
         return report.fail(exc.code, str(exc))
@@ -134,6 +135,12 @@ def _status_item(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Tar
     return replace(item, state=found.state, detail=detail)
 
 
+def unknown_notes(ctx: Context, manifest: mf.Manifest) -> list[str]:
+    return [f"the manifest records patch {e.patch} on {ctx.layout.display(ctx.layout.resolve(e.base, e.file))}, "
+            "which this totopatch does not know; `totopatch revert` restores that file from its backup"
+            for e in manifest.entries if by_id(e.patch) is None]
+
+
 def import_notes(ctx: Context, manifest: mf.Manifest) -> list[str]:
     if not any(e.base == "toto" for e in manifest.entries):
         return []
@@ -141,6 +148,9 @@ def import_notes(ctx: Context, manifest: mf.Manifest) -> list[str]:
     patched = ctx.layout.toto_parent
     if resolved is None:
         return [f"`import toto` does not resolve in this Python; the patched copy is {patched / 'toto'}"]
+    if not (resolved / "toto" / "__init__.py").is_file():
+        return [f"`import toto` finds only leftovers in {resolved / 'toto'} (no __init__.py): "
+                "toto-ts is not installed there"]
     if resolved != patched.resolve():
         return [f"warning: `import toto` resolves to {resolved / 'toto'}, not the patched copy {patched / 'toto'}"]
     return [f"`import toto` resolves to the patched copy {patched / 'toto'}"]
