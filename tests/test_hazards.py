@@ -14,6 +14,7 @@ import pytest
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
 from totopatch import engine
+from totopatch.patches import PATCHES
 from totopatch.state import open_context
 
 CM = "compile-mode"
@@ -152,16 +153,10 @@ def test_a_plain_apply_keeps_an_explicit_option(project: Path, cli) -> None:
 
 def test_a_library_apply_without_options_then_a_cli_apply(project: Path, cli) -> None:
     ctx = open_context(project)
-    assert engine.apply(ctx, engine.select(engine_patches(), (CM,)), {}).code == engine.Code.OK
+    assert engine.apply(ctx, engine.select(PATCHES, (CM,)), {}).code == engine.Code.OK
     (entry,) = json.loads((project / ".totopatch" / "manifest.json").read_text())["entries"]
     assert entry["options"] == {"compile_mode": "reduce-overhead"}  # the declared default is recorded
     assert cli(project, "apply", CM).exit_code == 0
-
-
-def engine_patches():
-    from totopatch.patches import PATCHES
-
-    return PATCHES
 
 
 def test_uninstalled_package_leftovers_are_cleaned_and_not_claimed(tmp_path: Path, cli, monkeypatch) -> None:
