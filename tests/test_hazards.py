@@ -105,6 +105,16 @@ def test_revert_force_never_writes_one_versions_bytes_into_another(tmp_path: Pat
     assert json.loads((site / ".totopatch" / "manifest.json").read_text())["entries"] == []
 
 
+def test_revert_after_a_reinstall_that_took_the_backups_needs_none(tmp_path: Path, cli) -> None:
+    site = site_of(tmp_path, "0.1.4")
+    assert cli(site, "apply", "kv-cache", "spacewise-mask").exit_code == 0
+    reinstall(site, "0.2.0")  # the whole folder is replaced: the .backup files went with it
+    fresh = snapshot(site / "toto")
+    ran = cli(site, "revert")
+    assert ran.exit_code == 0 and "no backup was left" in ran.stdout, ran.stderr
+    assert snapshot(site / "toto") == fresh
+
+
 def test_one_state_dir_shared_by_two_roots_is_refused(project: Path, cli, tmp_path: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(project, other)

@@ -61,8 +61,8 @@ def _forget(ctx: Context, entry: mf.Entry, path: Path, data: bytes | None, why: 
     """Drop the record without writing the file; a backup this tool left beside it moves to the state folder."""
     first, remove = keep_aside(ctx, entry)
     kept = first[0][0] if first else backup_path(ctx, entry)
-    detail = f"{why.removeprefix('target replaced: ')}; nothing restored, record dropped, original kept at " \
-        f"{ctx.layout.display(kept)}"
+    where = f"original kept at {ctx.layout.display(kept)}" if first or kept.exists() else "no backup was left"
+    detail = f"{why.removeprefix('target replaced: ')}; nothing restored, record dropped, {where}"
     journal = mf.JournalItem("remove", entry, None if data is None else sha256(data))
     return replace(_item(ctx, entry, path), state=State.FORGOTTEN, detail=detail), \
         Change(path, data, None, journal, first, remove)
@@ -78,14 +78,14 @@ def _plan_one(ctx: Context, entry: mf.Entry, pending: dict[Path, bytes | None],
     current = sha256(data)
     if current != entry.after_sha256 and (why := replaced(ctx, entry, current)) and current != entry.before_sha256:
         return _forget(ctx, entry, path, data, why)  # never one version's bytes into another
-    before = verified_backup(ctx, entry)
     remove = mf.JournalItem("remove", entry, entry.before_sha256)
+    if current == entry.before_sha256:  # needs no backup: it may have gone with a reinstall
+        return replace(item, state=State.REVERTED, detail="already the original; dropped from the manifest"), \
+            Change(path, data, data, remove)
+    before = verified_backup(ctx, entry)
     if current == entry.after_sha256:
         return replace(item, state=State.REVERTED, diff=diff(path, data, before, item.file)), \
             Change(path, data, before, remove)
-    if current == entry.before_sha256:
-        return replace(item, state=State.REVERTED, detail="already the original; dropped from the manifest"), \
-            Change(path, data, data, remove)
     merged = _merge_out(entry, path, data, before)
     if merged is not None:
         journal = mf.JournalItem("remove", entry, sha256(merged))
