@@ -20,13 +20,12 @@ import functools
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
+from typing import Callable, Iterable
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
 
-from totopatch.patches._cst import parse
+from totopatch.patches._cst import lines_of, parse
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 from totopatch.textio import syntax_error
 
@@ -49,7 +48,6 @@ class Shape:
 
     node: cst.ClassDef
     index: int
-    line: int
     fields: frozenset[str]
     methods: dict[str, int]
     others: int
@@ -72,7 +70,7 @@ class Shape:
         return f"class {name} has statements other than fields and methods" if self.others else None
 
 
-def _shape(node: cst.ClassDef, index: int, line: int) -> Shape:
+def _shape(node: cst.ClassDef, index: int) -> Shape:
     fields: set[str] = set()
     methods: dict[str, int] = {}
     others = 0
@@ -83,10 +81,13 @@ def _shape(node: cst.ClassDef, index: int, line: int) -> Shape:
             fields.add(stmt.body[0].target.value)
         elif not m.matches(stmt, m.SimpleStatementLine(body=[m.Expr(m.SimpleString()) | m.Pass()])):
             others += 1
-    return Shape(node, index, line, frozenset(fields), methods, others)
+    return Shape(node, index, frozenset(fields), methods, others)
 
 
-def _block_span(body: list[cst.BaseStatement], line: Callable[[int], int]) -> range:
+Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
+
+
+def _block_span(body: list[cst.BaseStatement], lines: Lines) -> range:
     """Indices of the marked block's statements (empty when the module has none)."""
     begins = [i for i, s in enumerate(body) if any(ln.comment and ln.comment.value.startswith(BEGIN)
                                                    for ln in s.leading_lines)]
@@ -95,23 +96,23 @@ def _block_span(body: list[cst.BaseStatement], line: Callable[[int], int]) -> ra
     if not begins and not ends:
         return range(0)
     if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise Refusal("damaged kv-cache block: its begin/end markers do not pair up", tuple(map(line, begins + ends)))
+        raise Refusal("damaged kv-cache block: its begin/end markers do not pair up", lines(begins + ends))
     return range(begins[0], ends[0] + 1)
 
 
-def _find_cache(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> Shape:
+def _find_cache(body: list[cst.BaseStatement], lines: Lines, skip: range) -> Shape:
     """The one KV cache class of the module, or a Refusal naming the candidates."""
-    shapes = [_shape(s, i, line(i)) for i, s in enumerate(body) if isinstance(s, cst.ClassDef) and i not in skip]
+    shapes = [_shape(s, i) for i, s in enumerate(body) if isinstance(s, cst.ClassDef) and i not in skip]
     candidates = [s for s in shapes if s.is_candidate]
     found = [s for s in candidates if s.mismatch() is None]
     if len(found) == 1:
         return found[0]
     if found:
         names = ", ".join(s.node.name.value for s in found)
-        raise Refusal(f"ambiguous: {len(found)} KV cache classes ({names})", tuple(s.line for s in found))
+        raise Refusal(f"ambiguous: {len(found)} KV cache classes ({names})", lines(s.index for s in found))
     if candidates:
         raise Refusal(f"no KV cache class of the known shape: {candidates[0].mismatch()}",
-                      tuple(s.line for s in candidates))
+                      lines(s.index for s in candidates))
     raise Refusal("no KV cache class: expected a @dataclass with Toto's KVCache fields and methods")
 
 
@@ -128,30 +129,29 @@ def _block(base: str) -> list[cst.BaseStatement]:
     return [first.with_changes(leading_lines=lead), *rest]
 
 
-def _check_names(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> None:
+def _check_names(body: list[cst.BaseStatement], lines: Lines, skip: range) -> None:
     if not any(m.matches(s, _IMPORT_TORCH) for s in body):
         raise Refusal("the module has no top-level `import torch`, which the compile-friendly cache needs")
     clash = [i for i, s in enumerate(body) if i not in skip and m.findall(s, m.Name(NEW_CLASS))]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} outside a kv-cache block",
-                      tuple(map(line, clash)))
+                      lines(clash))
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
     _refuse_legacy(source)
-    wrapper = MetadataWrapper(parse(source))
-    module, positions = wrapper.module, wrapper.resolve(PositionProvider)
+    module = parse(source)
     body = list(module.body)
 
-    def line(index: int) -> int:
-        return positions[body[index]].start.line
+    def lines(indices: Iterable[int]) -> tuple[int, ...]:
+        return lines_of(module, [body[i] for i in indices])
 
-    span = _block_span(body, line)
-    cache = _find_cache(body, line, span)
-    _check_names(body, line, span)
+    span = _block_span(body, lines)
+    cache = _find_cache(body, lines, span)
+    _check_names(body, lines, span)
     if span and span.start != cache.index + 1:
         raise Refusal(f"the kv-cache block is not right after class {cache.node.name.value}",
-                      (cache.line, line(span.start)))
+                      lines((cache.index, span.start)))
     block = _block(cache.node.name.value)
     if [module.code_for_node(s) for s in body[span.start:span.stop]] == [module.code_for_node(s) for s in block]:
         return Rewrite(source)
