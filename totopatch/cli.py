@@ -64,9 +64,10 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
               help="Project root: holds the Toto tree, the backtest script and .totopatch/.")
 @click.option("--installed", is_flag=True, help="Patch the toto package that `import toto` resolves to.")
 @click.option("--backtest", type=click.Path(path_type=Path), default=None,
-              help="Backtest script [default: <root>/backtest_test3_inline.py].")
+              help="Backtest script, which must then exist [default: <root>/backtest_test3_inline.py, if present].")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="Keep the manifest and backups here instead of <root>/.totopatch.")
+              help="Keep the manifest and backups here [default: <root>/.totopatch; with --installed, "
+              "a per-user folder keyed by the package's path].")
 @click.pass_context
 def main(ctx: click.Context, root: Path, installed: bool, backtest: Path | None, state_dir: Path | None) -> None:
     """Safe, reversible patches that make Toto fast under torch.compile."""
