@@ -20,11 +20,10 @@ import functools
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
+from typing import Callable, Mapping
 
 import libcst as cst
-import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
+from libcst.metadata import CodeRange, MetadataWrapper, PositionProvider
 
 from totopatch.patches._cst import parse
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
@@ -36,10 +35,49 @@ FIELDS = frozenset({"batch_size", "num_variates", "transformer_layers", "num_lay
                     "max_seq_len", "device", "dtype", "use_memory_efficient_attention",
                     "_keys", "_values", "_current_idx", "_layer_cache_map"})
 METHODS = {"__post_init__": 1, "__getitem__": 2, "current_len": 2, "seq_len": 2, "append": 3, "reset": 1}
-_DATACLASS = m.Decorator(decorator=m.Name("dataclass") | m.Attribute(attr=m.Name("dataclass"))
-                         | m.Call(func=m.Name("dataclass") | m.Attribute(attr=m.Name("dataclass"))))
-_IMPORT_TORCH = m.SimpleStatementLine(body=[m.Import(names=[m.ZeroOrMore(), m.ImportAlias(
-    name=m.Name("torch"), asname=None), m.ZeroOrMore()])])
+
+
+def _is_dataclass_decorator(decorator: cst.Decorator) -> bool:
+    """``@dataclass``, ``@dataclasses.dataclass``, either called with arguments or not."""
+    node = decorator.decorator
+    if isinstance(node, cst.Call):
+        node = node.func
+    return ((isinstance(node, cst.Name) and node.value == "dataclass")
+            or (isinstance(node, cst.Attribute) and node.attr.value == "dataclass"))
+
+
+def _is_import_torch(stmt: cst.BaseStatement) -> bool:
+    """A top-level ``import torch`` (possibly among other names), not ``import torch as t``."""
+    return isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Import) \
+        and any(isinstance(a.name, cst.Name) and a.name.value == "torch" and a.asname is None
+                for a in stmt.body[0].names)
+
+
+def _is_field(stmt: cst.BaseStatement) -> bool:
+    return (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1
+            and isinstance(stmt.body[0], cst.AnnAssign) and isinstance(stmt.body[0].target, cst.Name))
+
+
+def _is_docstring_or_pass(stmt: cst.BaseStatement) -> bool:
+    if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
+        return False
+    only = stmt.body[0]
+    return isinstance(only, cst.Pass) or (isinstance(only, cst.Expr) and isinstance(only.value, cst.SimpleString))
+
+
+class _UsesName(cst.CSTVisitor):
+    def __init__(self, name: str) -> None:
+        self.name, self.found = name, False
+
+    def visit_Name(self, node: cst.Name) -> bool:
+        self.found = self.found or node.value == self.name
+        return False
+
+
+def _uses_name(node: cst.CSTNode, name: str) -> bool:
+    finder = _UsesName(name)
+    node.visit(finder)
+    return finder.found
 
 
 @dataclass(frozen=True)
@@ -48,7 +86,6 @@ class Shape:
 
     node: cst.ClassDef
     index: int
-    line: int
     fields: frozenset[str]
     methods: dict[str, int]
     others: int
@@ -60,7 +97,7 @@ class Shape:
     def mismatch(self) -> str | None:
         """Why this class is not Toto's cache, or None when it is."""
         name = self.node.name.value
-        if not any(m.matches(d, _DATACLASS) for d in self.node.decorators):
+        if not any(_is_dataclass_decorator(d) for d in self.node.decorators):
             return f"class {name} is not a @dataclass"
         if missing := sorted(FIELDS - self.fields) + sorted(METHODS.keys() - self.methods.keys()):
             return f"class {name} lacks {', '.join(missing)}"
@@ -71,18 +108,18 @@ class Shape:
         return f"class {name} has statements other than fields and methods" if self.others else None
 
 
-def _shape(node: cst.ClassDef, index: int, line: int) -> Shape:
+def _shape(node: cst.ClassDef, index: int) -> Shape:
     fields: set[str] = set()
     methods: dict[str, int] = {}
     others = 0
     for stmt in node.body.body:
         if isinstance(stmt, cst.FunctionDef):
             methods[stmt.name.value] = len(stmt.params.params)
-        elif m.matches(stmt, m.SimpleStatementLine(body=[m.AnnAssign(target=m.Name())])):
+        elif _is_field(stmt):
             fields.add(stmt.body[0].target.value)
-        elif not m.matches(stmt, m.SimpleStatementLine(body=[m.Expr(m.SimpleString()) | m.Pass()])):
+        elif not _is_docstring_or_pass(stmt):
             others += 1
-    return Shape(node, index, line, frozenset(fields), methods, others)
+    return Shape(node, index, frozenset(fields), methods, others)
 
 
 def _block_span(body: list[cst.BaseStatement], line: Callable[[int], int]) -> range:
@@ -100,17 +137,17 @@ def _block_span(body: list[cst.BaseStatement], line: Callable[[int], int]) -> ra
 
 def _find_cache(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> Shape:
     """The one KV cache class of the module, or a Refusal naming the candidates."""
-    shapes = [_shape(s, i, line(i)) for i, s in enumerate(body) if isinstance(s, cst.ClassDef) and i not in skip]
+    shapes = [_shape(s, i) for i, s in enumerate(body) if isinstance(s, cst.ClassDef) and i not in skip]
     candidates = [s for s in shapes if s.is_candidate]
     found = [s for s in candidates if s.mismatch() is None]
     if len(found) == 1:
         return found[0]
     if found:
         names = ", ".join(s.node.name.value for s in found)
-        raise Refusal(f"ambiguous: {len(found)} KV cache classes ({names})", tuple(s.line for s in found))
+        raise Refusal(f"ambiguous: {len(found)} KV cache classes ({names})", tuple(line(s.index) for s in found))
     if candidates:
         raise Refusal(f"no KV cache class of the known shape: {candidates[0].mismatch()}",
-                      tuple(s.line for s in candidates))
+                      tuple(line(s.index) for s in candidates))
     raise Refusal("no KV cache class: expected a @dataclass with Toto's KVCache fields and methods")
 
 
@@ -127,10 +164,13 @@ def _block(base: str) -> list[cst.BaseStatement]:
     return [first.with_changes(leading_lines=lead), *rest]
 
 
-def _check_names(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> None:
-    if not any(m.matches(s, _IMPORT_TORCH) for s in body):
+def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatement], line: Callable[[int], int],
+                 skip: range) -> None:
+    if not any(_is_import_torch(s) for s in body):
         raise Refusal("the module has no top-level `import torch`, which the compile-friendly cache needs")
-    clash = [i for i, s in enumerate(body) if i not in skip and m.findall(s, m.Name(NEW_CLASS))]
+    if source.count(NEW_CLASS) == sum(code.count(NEW_CLASS) for code in block_code):
+        return  # not even in the text outside the block: spares a walk of the whole module
+    clash = [i for i, s in enumerate(body) if i not in skip and _uses_name(s, NEW_CLASS)]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} outside a kv-cache block",
                       tuple(map(line, clash)))
@@ -138,21 +178,26 @@ def _check_names(body: list[cst.BaseStatement], line: Callable[[int], int], skip
 
 def rewrite(source: str, options: Options) -> Rewrite:
     _refuse_legacy(source)
-    wrapper = MetadataWrapper(parse(source))
-    module, positions = wrapper.module, wrapper.resolve(PositionProvider)
+    module = parse(source)
     body = list(module.body)
 
+    @functools.cache
+    def positions() -> Mapping[cst.CSTNode, CodeRange]:
+        return MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
+
     def line(index: int) -> int:
-        return positions[body[index]].start.line
+        """The statement's line; positions cost a full pass, so only refusals ask."""
+        return positions()[body[index]].start.line
 
     span = _block_span(body, line)
     cache = _find_cache(body, line, span)
-    _check_names(body, line, span)
+    current = [module.code_for_node(s) for s in body[span.start:span.stop]]
+    _check_names(source, current, body, line, span)
     if span and span.start != cache.index + 1:
         raise Refusal(f"the kv-cache block is not right after class {cache.node.name.value}",
-                      (cache.line, line(span.start)))
+                      (line(cache.index), line(span.start)))
     block = _block(cache.node.name.value)
-    if [module.code_for_node(s) for s in body[span.start:span.stop]] == [module.code_for_node(s) for s in block]:
+    if len(current) == len(block) and current == [module.code_for_node(s) for s in block]:
         return Rewrite(source)
     notes = ("replaced a kv-cache block written by another totopatch version",) if span else ()
     body[cache.index + 1:cache.index + 1 + len(span)] = block
