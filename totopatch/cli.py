@@ -147,7 +147,8 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
     context = where.context()
     report = engine.verify(context, _selected(patch_ids))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
-        report = engine.attach_smoke(context, report, device, backend, compile_mode)
+        report = engine.attach_smoke(context, report, device, backend, compile_mode,
+                                     progress=lambda phase: click.echo(f"smoke: {phase}", err=True))
     _finish(report, as_json_output)
 
 
