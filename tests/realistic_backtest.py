@@ -78,12 +78,13 @@ def load_toto_pipeline(device: str = "cuda") -> Any:
     compile_backend = (compile_backend_env or "").strip()
     if not compile_backend:
         compile_backend = None
+    model_id = os.getenv("TOTO_MODEL_ID") or "Datadog/Toto-Open-Base-1.0"
     if compile_mode not in {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}:
         logger.warning("Unknown Toto compile mode %r; using 'max-autotune'", compile_mode)
         compile_mode = "max-autotune"
     logger.info("Loading Toto (compile=%s, mode=%s, backend=%s)", compile_enabled, compile_mode, compile_backend)
     _TOTO_PIPELINE = {"device": device, "compile": compile_enabled, "mode": compile_mode,
-                      "backend": compile_backend}
+                      "backend": compile_backend, "model": model_id}
     return _TOTO_PIPELINE
 
 

@@ -249,6 +249,8 @@ LOOKALIKES = dedent('''\
     def load_toto():
         mode = os.getenv("TOTO_COMPILE_MODE") or "reduce-overhead"
         backend = os.getenv("TOTO_COMPILE_BACKEND") or "inductor"
+        model_id = os.getenv("TOTO_MODEL_ID") or "Datadog/Toto-Open-Base-1.0"
+        modes_file = os.getenv("TOTO_MODES_FILE") or "modes.json"
         print("Toto mode 'max-autotune' is slow to compile")
         return mode, backend
 ''')

@@ -77,9 +77,14 @@ def _mode_chain_default(value: cst.BaseExpression) -> cst.SimpleString | None:
     if not lookups or not isinstance(last, cst.SimpleString):
         return None
     names = [_toto_env_name(op) for op in lookups]
-    if any(n is None for n in names) or not any("MODE" in n for n in names if n):
+    if any(n is None for n in names) or not any(_names_the_mode(n) for n in names if n):
         return None
     return last
+
+
+def _names_the_mode(env_name: str) -> bool:
+    """``TOTO_COMPILE_MODE``, ``REAL_TOTO_COMPILE_MODE``: a ``MODE`` word, not ``TOTO_MODEL_ID``."""
+    return "MODE" in env_name.replace("-", "_").split("_")
 
 
 def _strip_fallback_default(value: cst.BaseExpression, chain_names: set[str]) -> cst.SimpleString | None:
