@@ -138,6 +138,9 @@ def test_verify_smoke_compiles_the_patched_tree(project, cli) -> None:
     assert smoke["ok"] and smoke["kv_cache_class"] == "KVCacheCompileFriendly"
     assert smoke["toto_file"].startswith(str(project / "toto" / "toto"))
     assert smoke["graph_breaks"] == 0 and smoke["recompiles_after_warmup"] == 0 and smoke["outputs_match"]
+    phases = [line.split(" (")[0] for line in ran.stderr.splitlines() if line.startswith("smoke: ")]
+    assert phases == ["smoke: building the model", "smoke: eager forecast", "smoke: compile",
+                      "smoke: warm-up forecast", "smoke: compiled forecast"]  # on stderr; stdout parsed as JSON above
 
 
 def test_verify_smoke_fails_on_a_tree_that_recompiles(project, cli) -> None:

@@ -1,6 +1,7 @@
 """The click CLI: a thin layer that builds a Context, calls the engine and turns reports into exit codes."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,19 @@ def _finish(report: Report, as_json_output: bool, show_diff: bool = False) -> No
     if as_json_output:
         click.echo(as_json(report))
     else:
-        text = as_text(report, show_diff)
+        text = as_text(report, show_diff, color=_color())
         if text:
             click.echo(text)
         if report.error:
             click.echo(f"totopatch: error: {report.error}", err=True)
     sys.exit(int(report.code))
+
+
+def _color() -> bool:
+    """Colour diffs only for a terminal, unless --no-color or NO_COLOR (https://no-color.org) says not to."""
+    ctx = click.get_current_context(silent=True)
+    off = ctx is not None and ctx.find_root().meta.get("totopatch.no_color", False)
+    return not off and not os.environ.get("NO_COLOR") and sys.stdout.isatty()
 
 
 def _selected(ids: tuple[str, ...]) -> list:
@@ -68,10 +76,13 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the manifest and backups here [default: <root>/.totopatch; with --installed, "
               "a per-user folder keyed by the package's path].")
+@click.option("--no-color", is_flag=True, help="Never colour diffs (they are coloured only on a terminal without NO_COLOR).")
 @click.pass_context
-def main(ctx: click.Context, root: Path, installed: bool, backtest: Path | None, state_dir: Path | None) -> None:
+def main(ctx: click.Context, root: Path, installed: bool, backtest: Path | None, state_dir: Path | None,
+         no_color: bool) -> None:
     """Safe, reversible patches that make Toto fast under torch.compile."""
     ctx.obj = Where(root, installed, backtest, state_dir)
+    ctx.meta["totopatch.no_color"] = no_color
 
 
 @main.command("list")
@@ -128,7 +139,8 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
     context = where.context()
     report = engine.verify(context, _selected(patch_ids))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
-        report = attach_smoke(context, report, device, backend, compile_mode)
+        report = attach_smoke(context, report, device, backend, compile_mode,
+                              progress=lambda phase: click.echo(f"smoke: {phase}", err=True))
     _finish(report, as_json_output)
 
 

@@ -11,6 +11,9 @@ Toto-Open-Base-1.0), forecasts eagerly with the KV cache, compiles the backbone,
 a 3-patch forecast, then runs the full forecast (6 patches) compiled.  Recompiles are counted in
 that last run only: a cache that specialises per position or per layer recompiles there.
 
+Each phase is announced on stderr as it starts, as a line ``smoke phase: <what>`` (building the
+model, eager forecast, compile, warm-up, forecast); ``totopatch verify --smoke`` shows them.
+
 JSON keys (``--json`` prints one object on stdout; logs go to stderr):
 
 - ``ok`` (bool): no error, compiled output matches eager, no recompile after warm-up, no
@@ -48,6 +51,7 @@ SHAPES: dict[str, dict[str, int]] = {
                  spacewise_every_n_layers=12, k_components=24, variates=8, context_length=512),
 }
 WARMUP_PATCHES, MEASURED_PATCHES = 3, 6
+PROGRESS_PREFIX = "smoke phase: "
 SCALER = "<class 'model.scaler.CausalPatchStdMeanScaler'>"
 DISTRIBUTION = "<class 'model.distribution.MixtureOfStudentTsOutput'>"
 
@@ -102,6 +106,11 @@ class _DynamoLog(logging.Handler):
         message = record.getMessage()
         self.recompiles += message.startswith("Recompiling function")
         self.limit_hits += "recompile_limit" in message or "cache_size_limit" in message
+
+
+def _phase(what: str) -> None:
+    """Announce a phase on stderr at once (the whole run takes 15-90 s on a CPU)."""
+    print(f"{PROGRESS_PREFIX}{what}", file=sys.stderr, flush=True)
 
 
 def import_toto(toto_parent: Path) -> Any:
@@ -209,19 +218,24 @@ def _measure(base: SmokeResult, seed: int, rtol: float | None, atol: float | Non
     dims, device = SHAPES[base.shape], base.device
     patch = dims["patch_size"]
     warm_len, full_len = WARMUP_PATCHES * patch, MEASURED_PATCHES * patch
+    _phase(f"building the model ({base.shape} shape, {device})")
     model = build_model(base.shape, seed).to(device)
     series = make_series(dims["variates"], dims["context_length"], device)
 
     with torch.no_grad():
+        _phase(f"eager forecast ({MEASURED_PATCHES} patches)")
         eager, eager_s = _timed(device, lambda: TotoForecaster(model.model).forecast(
             series, prediction_length=full_len, use_kv_cache=True).mean)
         torch._dynamo.reset()
         counters.clear()
         kwargs = {} if base.mode is None else {"mode": base.mode}
+        _phase(f"compile (torch.compile, backend {base.backend}, mode {base.mode or 'default'})")
         compiled = TotoForecaster(torch.compile(model.model, backend=base.backend, **kwargs))
         with _dynamo_log() as log:
+            _phase(f"warm-up forecast ({WARMUP_PATCHES} patches; compiles on the first call)")
             _, warmup_s = _timed(device, lambda: compiled.forecast(series, prediction_length=warm_len, use_kv_cache=True))
             warm_recompiles = log.recompiles
+            _phase(f"compiled forecast ({MEASURED_PATCHES} patches)")
             out, compiled_s = _timed(device, lambda: compiled.forecast(
                 series, prediction_length=full_len, use_kv_cache=True).mean)
 

@@ -2,26 +2,39 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
+from typing import Callable
 
 from .outcome import Report
+from .smoke import PROGRESS_PREFIX
 from .state import Context
+from .streaming import run_streaming
 
 BACKENDS = ("eager", "aot_eager", "inductor")
 
 
 def attach_smoke(ctx: Context, report: Report, device: str = "auto", backend: str = "eager",
-                 mode: str | None = None, timeout: float = 1800) -> Report:
-    """Compile the patched Toto from this tree in a fresh process; a failed smoke test fails verify."""
+                 mode: str | None = None, timeout: float = 1800,
+                 progress: Callable[[str], None] | None = None) -> Report:
+    """Compile the patched Toto from this tree in a fresh process; a failed smoke test fails verify.
+
+    ``progress`` gets each phase the smoke test reports (building the model, eager forecast, ...).
+    """
+
+    def on_line(line: str) -> None:
+        if progress is not None and line.startswith(PROGRESS_PREFIX):
+            progress(line[len(PROGRESS_PREFIX):])
+
     cmd = [sys.executable, "-m", "totopatch.smoke", "--toto-parent", str(ctx.layout.toto_parent),
            "--device", device, "--backend", backend, "--json"] + (["--mode", mode] if mode else [])
     stderr = ""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = run_streaming(cmd, timeout, on_line)
         stderr = proc.stderr
+        if proc.returncode is None:
+            raise TimeoutError(f"no report within {timeout:.0f} s")
         smoke = json.loads(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}")
-    except (subprocess.TimeoutExpired, ValueError, OSError) as exc:
+    except (TimeoutError, ValueError, OSError) as exc:
         smoke = {"ok": False, "error": f"smoke test did not report ({exc.__class__.__name__})"}
     if not isinstance(smoke, dict) or "ok" not in smoke:
         last = (stderr.strip().splitlines() or ["no output"])[-1]

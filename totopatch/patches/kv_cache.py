@@ -23,7 +23,6 @@ from importlib import resources
 from typing import Callable, Iterable
 
 import libcst as cst
-import libcst.matchers as m
 
 from totopatch.patches._cst import lines_of, parse
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
@@ -36,10 +35,49 @@ FIELDS = frozenset({"batch_size", "num_variates", "transformer_layers", "num_lay
                     "max_seq_len", "device", "dtype", "use_memory_efficient_attention",
                     "_keys", "_values", "_current_idx", "_layer_cache_map"})
 METHODS = {"__post_init__": 1, "__getitem__": 2, "current_len": 2, "seq_len": 2, "append": 3, "reset": 1}
-_DATACLASS = m.Decorator(decorator=m.Name("dataclass") | m.Attribute(attr=m.Name("dataclass"))
-                         | m.Call(func=m.Name("dataclass") | m.Attribute(attr=m.Name("dataclass"))))
-_IMPORT_TORCH = m.SimpleStatementLine(body=[m.Import(names=[m.ZeroOrMore(), m.ImportAlias(
-    name=m.Name("torch"), asname=None), m.ZeroOrMore()])])
+
+
+def _is_dataclass_decorator(decorator: cst.Decorator) -> bool:
+    """``@dataclass``, ``@dataclasses.dataclass``, either called with arguments or not."""
+    node = decorator.decorator
+    if isinstance(node, cst.Call):
+        node = node.func
+    return ((isinstance(node, cst.Name) and node.value == "dataclass")
+            or (isinstance(node, cst.Attribute) and node.attr.value == "dataclass"))
+
+
+def _is_import_torch(stmt: cst.BaseStatement) -> bool:
+    """A top-level ``import torch`` (possibly among other names), not ``import torch as t``."""
+    return isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Import) \
+        and any(isinstance(a.name, cst.Name) and a.name.value == "torch" and a.asname is None
+                for a in stmt.body[0].names)
+
+
+def _is_field(stmt: cst.BaseStatement) -> bool:
+    return (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1
+            and isinstance(stmt.body[0], cst.AnnAssign) and isinstance(stmt.body[0].target, cst.Name))
+
+
+def _is_docstring_or_pass(stmt: cst.BaseStatement) -> bool:
+    if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
+        return False
+    only = stmt.body[0]
+    return isinstance(only, cst.Pass) or (isinstance(only, cst.Expr) and isinstance(only.value, cst.SimpleString))
+
+
+class _UsesName(cst.CSTVisitor):
+    def __init__(self, name: str) -> None:
+        self.name, self.found = name, False
+
+    def visit_Name(self, node: cst.Name) -> bool:
+        self.found = self.found or node.value == self.name
+        return False
+
+
+def _uses_name(node: cst.CSTNode, name: str) -> bool:
+    finder = _UsesName(name)
+    node.visit(finder)
+    return finder.found
 
 
 @dataclass(frozen=True)
@@ -59,7 +97,7 @@ class Shape:
     def mismatch(self) -> str | None:
         """Why this class is not Toto's cache, or None when it is."""
         name = self.node.name.value
-        if not any(m.matches(d, _DATACLASS) for d in self.node.decorators):
+        if not any(_is_dataclass_decorator(d) for d in self.node.decorators):
             return f"class {name} is not a @dataclass"
         if missing := sorted(FIELDS - self.fields) + sorted(METHODS.keys() - self.methods.keys()):
             return f"class {name} lacks {', '.join(missing)}"
@@ -77,9 +115,9 @@ def _shape(node: cst.ClassDef, index: int) -> Shape:
     for stmt in node.body.body:
         if isinstance(stmt, cst.FunctionDef):
             methods[stmt.name.value] = len(stmt.params.params)
-        elif m.matches(stmt, m.SimpleStatementLine(body=[m.AnnAssign(target=m.Name())])):
+        elif _is_field(stmt):
             fields.add(stmt.body[0].target.value)
-        elif not m.matches(stmt, m.SimpleStatementLine(body=[m.Expr(m.SimpleString()) | m.Pass()])):
+        elif not _is_docstring_or_pass(stmt):
             others += 1
     return Shape(node, index, frozenset(fields), methods, others)
 
@@ -129,10 +167,13 @@ def _block(base: str) -> list[cst.BaseStatement]:
     return [first.with_changes(leading_lines=lead), *rest]
 
 
-def _check_names(body: list[cst.BaseStatement], lines: Lines, skip: range) -> None:
-    if not any(m.matches(s, _IMPORT_TORCH) for s in body):
+def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatement], lines: Lines,
+                 skip: range) -> None:
+    if not any(_is_import_torch(s) for s in body):
         raise Refusal("the module has no top-level `import torch`, which the compile-friendly cache needs")
-    clash = [i for i, s in enumerate(body) if i not in skip and m.findall(s, m.Name(NEW_CLASS))]
+    if source.count(NEW_CLASS) == sum(code.count(NEW_CLASS) for code in block_code):
+        return  # not even in the text outside the block: spares a walk of the whole module
+    clash = [i for i, s in enumerate(body) if i not in skip and _uses_name(s, NEW_CLASS)]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} outside a kv-cache block",
                       lines(clash))
@@ -148,12 +189,13 @@ def rewrite(source: str, options: Options) -> Rewrite:
 
     span = _block_span(body, lines)
     cache = _find_cache(body, lines, span)
-    _check_names(body, lines, span)
+    current = [module.code_for_node(s) for s in body[span.start:span.stop]]
+    _check_names(source, current, body, lines, span)
     if span and span.start != cache.index + 1:
         raise Refusal(f"the kv-cache block is not right after class {cache.node.name.value}",
                       lines((cache.index, span.start)))
     block = _block(cache.node.name.value)
-    if [module.code_for_node(s) for s in body[span.start:span.stop]] == [module.code_for_node(s) for s in block]:
+    if len(current) == len(block) and current == [module.code_for_node(s) for s in block]:
         return Rewrite(source)
     notes = ("replaced a kv-cache block written by another totopatch version",) if span else ()
     body[cache.index + 1:cache.index + 1 + len(span)] = block

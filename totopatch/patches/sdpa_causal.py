@@ -9,18 +9,37 @@ The value is the same in eager.
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
 from totopatch.patches._cst import lines_of, parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
-_CAUSAL_ARG = m.Arg(keyword=m.Name("is_causal"))
-_SYMBOLIC = m.BooleanOperation(
-    left=m.Comparison(left=m.Name("attention_mask"), comparisons=[m.ComparisonTarget(operator=m.Is(), comparator=m.Name("None"))]),
-    operator=m.And(),
-    right=m.Comparison(left=m.Name("seq_pos_offset"), comparisons=[m.ComparisonTarget(operator=m.Equal(), comparator=m.Integer("0"))]),
-)
-_PLAIN = m.IfExp(test=_SYMBOLIC, body=m.Name("True"), orelse=m.Name("False"))
+
+
+def _is_name(node: cst.CSTNode, *values: str) -> bool:
+    return isinstance(node, cst.Name) and node.value in values
+
+
+def _compares(node: cst.BaseExpression, left: str, operator: type, right: str) -> bool:
+    """``<left> <operator> <right>`` with a single comparison."""
+    if not isinstance(node, cst.Comparison) or len(node.comparisons) != 1 or not _is_name(node.left, left):
+        return False
+    target = node.comparisons[0]
+    value = target.comparator
+    right_ok = _is_name(value, right) or (isinstance(value, cst.Integer) and value.value == right)
+    return isinstance(target.operator, operator) and right_ok
+
+
+def _is_symbolic(node: cst.BaseExpression) -> bool:
+    """``attention_mask is None and seq_pos_offset == 0`` (however parenthesised)."""
+    return (isinstance(node, cst.BooleanOperation) and isinstance(node.operator, cst.And)
+            and _compares(node.left, "attention_mask", cst.Is, "None")
+            and _compares(node.right, "seq_pos_offset", cst.Equal, "0"))
+
+
+def _is_plain(node: cst.BaseExpression) -> bool:
+    """``True if (<symbolic>) else False``."""
+    return (isinstance(node, cst.IfExp) and _is_symbolic(node.test) and _is_name(node.body, "True")
+            and _is_name(node.orelse, "False"))
 
 
 class _FindCausalArgs(cst.CSTVisitor):
@@ -30,16 +49,16 @@ class _FindCausalArgs(cst.CSTVisitor):
         self.other: list[cst.Arg] = []
 
     def visit_Call(self, node: cst.Call) -> None:
-        if not m.matches(node.func, m.Name("scaled_dot_product_attention")):
+        if not _is_name(node.func, "scaled_dot_product_attention"):
             return
         for arg in node.args:
-            if not m.matches(arg, _CAUSAL_ARG):
+            if arg.keyword is None or arg.keyword.value != "is_causal":
                 continue
-            if m.matches(arg.value, _SYMBOLIC):
+            if _is_symbolic(arg.value):
                 self.symbolic.append(arg)
-            elif m.matches(arg.value, _PLAIN):
+            elif _is_plain(arg.value):
                 self.plain.append(arg)
-            elif not m.matches(arg.value, m.Name("False") | m.Name("True")):
+            elif not _is_name(arg.value, "False", "True"):
                 self.other.append(arg)
 
 

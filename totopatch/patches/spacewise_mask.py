@@ -10,7 +10,6 @@ bit-identical, and inductor then broadcasts it correctly.
 from __future__ import annotations
 
 import libcst as cst
-import libcst.matchers as m
 
 from totopatch.patches._cst import parse
 from totopatch.spec import Options, Patch, Refusal, Rewrite
@@ -19,13 +18,24 @@ OLD = "batch seq_len variate1 variate2 -> (batch seq_len) 1 variate1 variate2"
 NEW = "batch seq_len variate1 variate2 -> (batch seq_len) variate1 variate2"
 
 
-def _rearrange(pattern: str) -> m.Call:
-    return m.Call(func=m.Name("rearrange"), args=[m.Arg(keyword=None), m.Arg(
-        keyword=None, value=m.SimpleString(m.MatchIfTrue(lambda v: v[1:-1] == pattern or v[3:-3] == pattern)))])
+def _is_rearrange(node: cst.BaseExpression, pattern: str) -> bool:
+    """``rearrange(<x>, "<pattern>")`` (any quotes) with two positional arguments."""
+    if not isinstance(node, cst.Call) or not isinstance(node.func, cst.Name) or node.func.value != "rearrange":
+        return False
+    if len(node.args) != 2 or any(a.keyword is not None or a.star for a in node.args):
+        return False
+    text = node.args[1].value
+    return isinstance(text, cst.SimpleString) and pattern in (text.value[1:-1], text.value[3:-3])
 
 
-_UPSTREAM = _rearrange(OLD)
-_PATCHED = m.Call(func=m.Attribute(value=_rearrange(NEW), attr=m.Name("unsqueeze")), args=[m.Arg(m.Integer("1"))])
+def _is_patched(node: cst.Call) -> bool:
+    """``rearrange(<x>, "<NEW>").unsqueeze(1)``."""
+    func = node.func
+    if not isinstance(func, cst.Attribute) or func.attr.value != "unsqueeze" or len(node.args) != 1:
+        return False
+    arg = node.args[0]
+    one = arg.keyword is None and not arg.star and isinstance(arg.value, cst.Integer) and arg.value.value == "1"
+    return one and _is_rearrange(func.value, NEW)
 
 
 class _FindMaskCalls(cst.CSTVisitor):
@@ -34,10 +44,10 @@ class _FindMaskCalls(cst.CSTVisitor):
         self.patched = 0
 
     def visit_Call(self, node: cst.Call) -> bool:
-        if m.matches(node, _PATCHED):
+        if _is_patched(node):
             self.patched += 1
             return False
-        if m.matches(node, _UPSTREAM):
+        if _is_rearrange(node, OLD):
             self.upstream.append(node)
         return True
 
