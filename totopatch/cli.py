@@ -1,6 +1,7 @@
 """The click CLI: a thin layer that builds a Context, calls the engine and turns reports into exit codes."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import NoReturn
 
 import click
 
-from . import __version__, engine, manifest as mf
+from . import __version__, engine, environment, manifest as mf
 from .engine import Code, Context, Report
 from .layout import LayoutError, locate, state_dir_for
 from .patches import COMPILE_MODES, PATCHES
@@ -52,6 +53,17 @@ def _finish(report: Report, as_json_output: bool, show_diff: bool = False) -> No
         if report.error:
             click.echo(f"totopatch: error: {report.error}", err=True)
     sys.exit(int(report.code))
+
+
+def _with_environment(context: Context, report: Report) -> Report:
+    """Notes on what the current environment overrides; they never change the exit code."""
+    if report.error is None:
+        options = {e.patch: e.options for e in mf.load(context.manifest_path).entries}
+        live = {i.patch: options.get(i.patch, {}) for i in report.items if i.state in environment.IN_EFFECT_STATES}
+        found = environment.read(os.environ, PATCHES, live)
+        report.environment = found.as_dict()
+        report.notes.extend(found.notes)
+    return report
 
 
 def _selected(ids: tuple[str, ...]) -> list:
@@ -113,7 +125,8 @@ def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode:
 @click.pass_obj
 def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output: bool) -> None:
     """Show what is applied, drifted, missing or in conflict. Never writes."""
-    report = engine.status(where.context(), _selected(patch_ids))
+    context = where.context()
+    report = _with_environment(context, engine.status(context, _selected(patch_ids)))
     if check and not report.code and any(i.state not in engine.GOOD_STATES for i in report.items):
         report.code = Code.NOT_DESIRED
     _finish(report, as_json_output)
@@ -134,7 +147,7 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
            compile_mode: str | None, as_json_output: bool) -> None:
     """Prove the applied patches: structure, hashes, backups and, with --smoke, a compile test."""
     context = where.context()
-    report = engine.verify(context, _selected(patch_ids))
+    report = _with_environment(context, engine.verify(context, _selected(patch_ids)))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
         report = engine.attach_smoke(context, report, device, backend, compile_mode)
     _finish(report, as_json_output)

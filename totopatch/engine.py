@@ -53,6 +53,7 @@ class Report:
     code: Code = Code.OK
     error: str | None = None
     smoke: dict[str, object] | None = None
+    environment: dict[str, object] | None = None  # status and verify: what the run-time environment overrides
 
     def fail(self, code: Code, error: str) -> "Report":
         self.code, self.error = code, error
