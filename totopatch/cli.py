@@ -168,6 +168,20 @@ def revert(where: Where, patch_ids: tuple[str, ...], dry_run: bool, force: bool,
 
 
 @main.command()
+@json_option
+@click.pass_obj
+def doctor(where: Where, as_json_output: bool) -> None:
+    """Where you stand: Python, torch, which Toto is imported, patch states, environment, advice."""
+    from . import doctor as dr
+
+    if not where.root.is_dir():
+        _die(Code.USAGE, f"{where.root}: --root is not a directory")
+    found = dr.examine(where.root, where.installed, where.backtest, where.state_dir, os.environ)
+    click.echo(dr.as_json(found) if as_json_output else dr.as_text(found))
+    sys.exit(found.code)
+
+
+@main.command()
 @click.option("--keep", is_flag=True, help="Keep the throwaway workspace and print where it is.")
 def demo(keep: bool) -> None:
     """Run apply, status, verify and revert on a throwaway copy of the installed toto-ts."""

@@ -101,14 +101,14 @@ def _off_note(state: str, by: str | None, patches: Sequence[PatchRef],
     idle = [p.id for p in patches if p.compiled_only and p.id in in_effect]
     if state != "off" or not idle:
         return ()
-    note = f"{by}: Toto runs eager; {_join(idle)} {'have' if len(idle) > 1 else 'has'} no effect at run time"
+    note = f"{by}: Toto runs eager; {join(idle)} {'have' if len(idle) > 1 else 'has'} no effect at run time"
     eager = [p.id for p in patches if not p.compiled_only]
     live = [i for i in eager if i in in_effect]
     dormant = [i for i in eager if i not in in_effect]
     if live:
-        note += f"; {_join(live)} {'do' if len(live) > 1 else 'does'}"
+        note += f"; {join(live)} {'do' if len(live) > 1 else 'does'}"
     if dormant:
-        note += f"; {_join(dormant)} would, but {'are' if len(dormant) > 1 else 'is'} not applied"
+        note += f"; {join(dormant)} would, but {'are' if len(dormant) > 1 else 'is'} not applied"
     return (note,)
 
 
@@ -173,5 +173,5 @@ def _flag_meaning(env: Mapping[str, str], name: str, pair: Sequence[str], compil
     return "compile on, on any device" if reading else "compile off: Toto runs eager"
 
 
-def _join(ids: Sequence[str]) -> str:
+def join(ids: Sequence[str]) -> str:
     return ids[0] if len(ids) == 1 else f"{', '.join(ids[:-1])} and {ids[-1]}"
