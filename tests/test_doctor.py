@@ -49,7 +49,8 @@ def test_doctor_without_torch_imports_nothing_heavy(project, cli, tmp_path) -> N
     assert cli(project, "apply").exit_code == 0
     report, probe = run_doctor(project, hide_torch=True, tmp=tmp_path)
     assert probe["heavy"] == []
-    assert report["torch"] == {"installed": False}
+    assert report["torch"] == {"installed": False, "version": None, "cuda_build": None, "cuda_available": None,
+                               "error": None}
     assert [p["state"] for p in report["patches"]] == ["applied"] * 4
     assert probe["code"] == report["exit_code"]
 
@@ -61,7 +62,7 @@ def test_doctor_with_torch_imports_torch_but_neither_libcst_nor_the_model(projec
     import torch
 
     assert report["torch"] == {"installed": True, "version": torch.__version__, "cuda_build": torch.version.cuda,
-                               "cuda_available": torch.cuda.is_available()}
+                               "cuda_available": torch.cuda.is_available(), "error": None}
 
 
 def test_doctor_text_has_every_section(project, cli, monkeypatch, tmp_path) -> None:
@@ -111,14 +112,15 @@ def test_toto_not_importable_is_a_problem(project, cli, monkeypatch) -> None:
 def test_without_a_tree_under_the_root_doctor_shows_the_installed_copy(tmp_path, cli) -> None:
     ran = cli(tmp_path, "doctor")
     assert ran.exit_code == 0
-    assert f"patches     in the installed copy (no Toto tree under {tmp_path.resolve()}):" in ran.stdout
+    assert (f"patches     in {installed_toto() / 'toto'} (the installed copy; no Toto tree under {tmp_path.resolve()}):"
+            in ran.stdout)
 
 
 def test_corrupt_manifest_is_the_state_code(project, cli) -> None:
     (project / ".totopatch").mkdir()
     (project / ".totopatch" / "manifest.json").write_text("{not json")
     ran = cli(project, "doctor")
-    assert ran.exit_code == 7 and "problem: state: " in ran.stdout
+    assert ran.exit_code == 7 and "problem: state cannot be trusted: " in ran.stdout
 
 
 def test_missing_root_is_a_usage_error(tmp_path, cli) -> None:

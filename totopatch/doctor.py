@@ -27,14 +27,56 @@ from .spec import PatchRef
 OK, PROBLEM, STATE = 0, 1, 7  # exit codes; STATE as everywhere: the manifest cannot be trusted
 
 
+@dataclass(frozen=True)
+class Torch:
+    installed: bool
+    version: str | None = None
+    cuda_build: str | None = None  # None: a CPU-only build
+    cuda_available: bool | None = None
+    error: str | None = None  # import torch failed
+
+
+@dataclass(frozen=True)
+class Toto:
+    tree: str | None  # the toto package this report is about
+    found: str  # how that tree was found, or why none was
+    tree_version: str | None
+    imported: str | None  # the toto package `import toto` resolves to
+    imported_version: str | None
+    imported_is_tree: bool
+    tree_is_patched: bool  # the manifest records a change to it
+
+
+@dataclass(frozen=True)
+class TargetState:
+    target: str
+    file: str
+    state: str  # applied, not-recorded, replaced, changed-since-apply, missing or not-present
+
+
+@dataclass(frozen=True)
+class PatchState:
+    patch: str
+    state: str  # the targets' common state, or "mixed"
+    takes_effect: str  # "compiled only" or "eager too"
+    targets: tuple[TargetState, ...]
+
+
+@dataclass(frozen=True)
+class CompileCache:
+    variable: str | None  # TORCHINDUCTOR_CACHE_DIR, if set
+    path: str
+    exists: bool
+
+
 @dataclass
 class Doctor:
     python: dict[str, str]
-    torch: dict[str, object]
-    toto: dict[str, object]
-    patches: list[dict[str, object]]
-    environment: dict[str, object]
-    compile_cache: dict[str, object]
+    torch: Torch
+    toto: Toto
+    patches: list[PatchState]
+    environment: environment.Environment
+    compile_cache: CompileCache
     advice: list[str]
     problems: list[str] = field(default_factory=list)
     code: int = OK
@@ -43,26 +85,26 @@ class Doctor:
 def examine(root: Path, installed: bool, backtest: Path | None, state_dir: Path | None,
             env: Mapping[str, str]) -> Doctor:
     """Everything ``doctor`` shows; ``root`` must be a directory."""
-    problems: list[str] = []
-    manifest = _manifest(state_dir_for(root, state_dir), problems)
+    manifest, untrusted = _manifest(state_dir_for(root, state_dir))
+    problems = [untrusted] if untrusted else []
     layout, where = _layout(root, installed, backtest, state_dir, manifest.toto_dir)
     imported = installed_toto()
     patches = [_patch(layout, manifest, ref) for ref in PATCHES] if layout else []
-    live = {p["patch"]: _options(manifest, str(p["patch"])) for p in patches if p["state"] == "applied"}
+    live = {p.patch: _options(manifest, p.patch) for p in patches if p.state == "applied"}
     found = environment.read(env, PATCHES, live)
     toto = _toto(layout, where, imported, manifest, problems)
-    doctor = Doctor(_python(), probe_torch(), toto, patches, found.as_dict(), compile_cache(env),
+    doctor = Doctor(_python(), probe_torch(), toto, patches, found, compile_cache(env),
                     [_choice(PATCHES)] + advice.lines(), problems)
-    doctor.code = STATE if any(p.startswith("state:") for p in problems) else PROBLEM if problems else OK
+    doctor.code = STATE if untrusted else PROBLEM if problems else OK
     return doctor
 
 
-def _manifest(state: Path, problems: list[str]) -> mf.Manifest:
+def _manifest(state: Path) -> tuple[mf.Manifest, str | None]:
+    """The manifest, or an empty one and why it cannot be trusted."""
     try:
-        return mf.load(state / "manifest.json")
+        return mf.load(state / "manifest.json"), None
     except mf.StateError as exc:
-        problems.append(f"state: {exc}")
-        return mf.Manifest()
+        return mf.Manifest(), f"state cannot be trusted: {exc}"
 
 
 def _layout(root: Path, installed: bool, backtest: Path | None, state_dir: Path | None,
@@ -70,14 +112,15 @@ def _layout(root: Path, installed: bool, backtest: Path | None, state_dir: Path 
     """The tree to report on, and a line saying how it was found."""
     try:
         layout = locate(root, installed, backtest, state_dir, recorded)
-        return layout, "the installed copy (--installed)" if installed else f"the tree under {layout.root}"
+        return layout, str(layout.toto_parent / "toto") + (" (--installed)" if installed else "")
     except LayoutError as exc:
         if installed or installed_toto() is None:
             return None, str(exc)
     try:
-        return locate(root, True, backtest, state_dir), f"the installed copy (no Toto tree under {root.resolve()})"
+        layout = locate(root, True, backtest, state_dir)
     except LayoutError as exc:
         return None, str(exc)
+    return layout, f"{layout.toto_parent / 'toto'} (the installed copy; no Toto tree under {root.resolve()})"
 
 
 def _choice(patches: tuple[PatchRef, ...]) -> str:
@@ -91,34 +134,28 @@ def _python() -> dict[str, str]:
     return {"version": platform.python_version(), "executable": sys.executable}
 
 
-def probe_torch() -> dict[str, object]:
+def probe_torch() -> Torch:
     """torch's version, CUDA build and whether CUDA is available; imports torch only if it is installed."""
     try:
         spec = importlib.util.find_spec("torch")
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        return {"installed": False}
+        return Torch(installed=False)
     try:
         import torch
     except Exception as exc:  # a broken install is something to report, not a crash
-        return {"installed": True, "error": f"import torch failed: {exc.__class__.__name__}: {exc}"}
-    return {"installed": True, "version": torch.__version__, "cuda_build": torch.version.cuda,
-            "cuda_available": bool(torch.cuda.is_available())}
+        return Torch(installed=True, error=f"import torch failed: {exc.__class__.__name__}: {exc}")
+    return Torch(True, str(torch.__version__), torch.version.cuda, bool(torch.cuda.is_available()))
 
 
 def _toto(layout: Layout | None, where: str, imported: Path | None, manifest: mf.Manifest,
-          problems: list[str]) -> dict[str, object]:
+          problems: list[str]) -> Toto:
     tree = layout.toto_parent.resolve() if layout else None
     patched = any(e.base == "toto" for e in manifest.entries)
-    info: dict[str, object] = {
-        "tree": str(tree / "toto") if tree else None, "found": where,
-        "tree_version": toto_version(tree) if tree else None,
-        "imported": str(imported / "toto") if imported else None,
-        "imported_version": toto_version(imported) if imported else None,
-        "imported_is_tree": bool(imported and tree and imported == tree),
-        "tree_is_patched": patched,
-    }
+    info = Toto(str(tree / "toto") if tree else None, where, toto_version(tree) if tree else None,
+                str(imported / "toto") if imported else None, toto_version(imported) if imported else None,
+                bool(imported and tree and imported == tree), patched)
     if imported is None:
         problems.append("`import toto` finds no toto package in this Python (pip install --no-deps toto-ts)")
     elif patched and tree and imported != tree:
@@ -126,20 +163,19 @@ def _toto(layout: Layout | None, where: str, imported: Path | None, manifest: mf
     return info
 
 
-def _patch(layout: Layout, manifest: mf.Manifest, ref: PatchRef) -> dict[str, object]:
-    targets = [_target(layout, manifest, ref, key) for key in ref.targets]
-    states = {t["state"] for t in targets if t["state"] != "not-present"} or {"not-present"}
-    return {"patch": ref.id, "state": states.pop() if len(states) == 1 else "mixed",
-            "takes_effect": "compiled only" if ref.compiled_only else "eager too", "targets": targets}
+def _patch(layout: Layout, manifest: mf.Manifest, ref: PatchRef) -> PatchState:
+    targets = tuple(_target(layout, manifest, ref, key) for key in ref.targets)
+    states = {t.state for t in targets if t.state != "not-present"} or {"not-present"}
+    return PatchState(ref.id, states.pop() if len(states) == 1 else "mixed",
+                      "compiled only" if ref.compiled_only else "eager too", targets)
 
 
-def _target(layout: Layout, manifest: mf.Manifest, ref: PatchRef, key: str) -> dict[str, object]:
+def _target(layout: Layout, manifest: mf.Manifest, ref: PatchRef, key: str) -> TargetState:
     target = layout.target(key)
-    out: dict[str, object] = {"target": key, "file": target.rel}
     try:
         data = target.path.read_bytes()
     except OSError:
-        return {**out, "state": "not-present" if target.optional else "missing"}
+        return TargetState(key, target.rel, "not-present" if target.optional else "missing")
     entry = manifest.find(ref.id, target.base, target.rel)
     current = sha256(data)
     if entry is None:
@@ -150,18 +186,18 @@ def _target(layout: Layout, manifest: mf.Manifest, ref: PatchRef, key: str) -> d
         state = "replaced"
     else:
         state = "changed-since-apply"
-    return {**out, "state": state}
+    return TargetState(key, target.rel, state)
 
 
 def _options(manifest: mf.Manifest, patch: str) -> dict[str, str]:
     return next((dict(e.options) for e in manifest.entries if e.patch == patch), {})
 
 
-def compile_cache(env: Mapping[str, str]) -> dict[str, object]:
+def compile_cache(env: Mapping[str, str]) -> CompileCache:
     """Where inductor keeps compiled kernels: TORCHINDUCTOR_CACHE_DIR, else torch's default folder."""
     value = env.get("TORCHINDUCTOR_CACHE_DIR")
     path = Path(value).expanduser() if value else Path(tempfile.gettempdir()) / f"torchinductor_{_user()}"
-    return {"variable": value, "path": str(path), "exists": path.is_dir()}
+    return CompileCache(value, str(path), path.is_dir())
 
 
 def _user() -> str:
@@ -192,56 +228,57 @@ def as_json(doctor: Doctor) -> str:
 def as_text(doctor: Doctor) -> str:
     out = [f"python      {doctor.python['version']} ({doctor.python['executable']})", _torch_line(doctor.torch)]
     out += _toto_lines(doctor.toto)
-    out += [f"  {p['patch']:<15} {_state_text(p)}  [{p['takes_effect']}]" for p in doctor.patches]
+    out += [f"  {p.patch:<15} {_state_text(p)}  [{p.takes_effect}]" for p in doctor.patches]
     out += _environment_lines(doctor.environment, doctor.torch)
     cache = doctor.compile_cache
-    origin = "TORCHINDUCTOR_CACHE_DIR" if cache["variable"] else "TORCHINDUCTOR_CACHE_DIR unset; torch's default"
-    out.append(f"cache       {cache['path']} ({origin}; {'exists' if cache['exists'] else 'does not exist yet'})")
+    origin = "TORCHINDUCTOR_CACHE_DIR" if cache.variable else "TORCHINDUCTOR_CACHE_DIR unset; torch's default"
+    out.append(f"cache       {cache.path} ({origin}; {'exists' if cache.exists else 'does not exist yet'})")
     out.append("advice      (break-even measured with an empty compile cache; a warm one shortens the first call)")
     out += [f"  {line}" for line in doctor.advice]
     out += [f"problem: {p}" for p in doctor.problems]
     return "\n".join(out)
 
 
-def _torch_line(torch: Mapping[str, object]) -> str:
-    if not torch["installed"]:
+def _torch_line(torch: Torch) -> str:
+    if not torch.installed:
         return "torch       not installed (Toto cannot run here; the rest of this report still holds)"
-    if "error" in torch:
-        return f"torch       {torch['error']}"
-    build = f"CUDA {torch['cuda_build']} build" if torch["cuda_build"] else "CPU-only build"
-    return f"torch       {torch['version']}, {build}, CUDA {'available' if torch['cuda_available'] else 'not available'}"
+    if torch.error:
+        return f"torch       {torch.error}"
+    build = f"CUDA {torch.cuda_build} build" if torch.cuda_build else "CPU-only build"
+    return f"torch       {torch.version}, {build}, CUDA {'available' if torch.cuda_available else 'not available'}"
 
 
-def _toto_lines(toto: Mapping[str, object]) -> list[str]:
-    version = f"toto-ts {toto['imported_version']}" if toto["imported_version"] else "toto-ts (version unknown)"
-    imported = f"{version}; `import toto` -> {toto['imported']}" if toto["imported"] else "`import toto` finds nothing"
-    if toto["tree"] is None:
-        return [f"toto        {imported}", f"patches     none: {toto['found']}"]
-    if toto["imported_is_tree"]:
-        which = "the patched copy" if toto["tree_is_patched"] else "this tree (nothing patched in it)"
+def _toto_lines(toto: Toto) -> list[str]:
+    version = f"toto-ts {toto.imported_version}" if toto.imported_version else "toto-ts (version unknown)"
+    imported = f"{version}; `import toto` -> {toto.imported}" if toto.imported else "`import toto` finds nothing"
+    if toto.tree is None:
+        return [f"toto        {imported}", f"patches     none: {toto.found}"]
+    if toto.imported_is_tree:
+        which = "the patched copy" if toto.tree_is_patched else "this tree (nothing patched in it)"
     else:
-        which = f"NOT this tree {toto['tree']} (toto-ts {toto['tree_version'] or 'version unknown'})"
-    return [f"toto        {imported}, {which}", f"patches     in {toto['found']}:"]
+        which = f"NOT this tree {toto.tree} (toto-ts {toto.tree_version or 'version unknown'})"
+    return [f"toto        {imported}, {which}", f"patches     in {toto.found}:"]
 
 
-def _state_text(patch: Mapping[str, object]) -> str:
-    targets = [t for t in patch["targets"] if t["state"] != "not-present"] or patch["targets"]  # type: ignore[union-attr]
-    if patch["state"] != "mixed":
-        return f"{STATE_WORDS[str(patch['state'])]}: {', '.join(str(t['file']) for t in targets)}"
-    return "; ".join(f"{t['file']}: {STATE_WORDS[t['state']]}" for t in targets)
+def _state_text(patch: PatchState) -> str:
+    targets = [t for t in patch.targets if t.state != "not-present"] or list(patch.targets)
+    if patch.state != "mixed":
+        return f"{STATE_WORDS[patch.state]}: {', '.join(t.file for t in targets)}"
+    return "; ".join(f"{t.file}: {STATE_WORDS[t.state]}" for t in targets)
 
 
-def _environment_lines(env: Mapping[str, object], torch: Mapping[str, object]) -> list[str]:
+def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:
     compiles = {"on": "on", "off": "off: Toto runs eager",
-                "cuda": "on when Toto runs on CUDA (the loader's default)"}[str(env["compile"])]
-    if env["compile"] == "cuda" and torch.get("cuda_available") is False:
+                "cuda": "on when Toto runs on CUDA (the loader's default)"}[env.compile]
+    if env.compile == "cuda" and torch.cuda_available is False:
         compiles += "; no CUDA here, so eager"
-    by = f" ({env['compile_set_by']})" if env["compile_set_by"] else ""
-    mode = env["mode"] or "the backtest's own default (compile-mode not applied)"
-    out = [f"compile     {compiles}{by}; mode {mode}" + (f" ({env['mode_set_by']})" if env["mode_set_by"] else "")]
-    for var in env["variables"]:  # type: ignore[union-attr]
-        value = "unset" if var["value"] is None else environment.shown(var["name"], var["value"])
-        out.append(f"  {var['name']:<31} {value if var['value'] is None else value.split('=', 1)[1]:<16} "
-                   f"{'' if var['value'] is None else var['meaning']}".rstrip())
-    out += [f"  note: {n}" for n in env["notes"]]  # type: ignore[union-attr]
+    by = f" ({env.compile_set_by})" if env.compile_set_by else ""
+    mode = env.mode or "the backtest's own default (compile-mode not applied)"
+    source = "the patched default" if env.mode_set_by == "compile-mode" else env.mode_set_by
+    out = [f"compile     {compiles}{by}; mode {mode}" + (f" ({source})" if source else "")]
+    for var in env.variables:
+        value = "unset" if var.value is None else environment.shown_value(var.value)
+        meaning = "" if var.value is None else var.meaning
+        out.append(f"  {var.name:<31} {value:<16} {meaning}".rstrip())
+    out += [f"  note: {n}" for n in env.notes]
     return out

@@ -113,8 +113,12 @@ def _off_note(state: str, by: str | None, patches: Sequence[PatchRef],
 
 
 def shown(name: str, value: str) -> str:
-    """``NAME=value``, quoting a value that is empty or has surrounding spaces."""
-    return f"{name}={value}" if value and value == value.strip() else f"{name}={value!r}"
+    return f"{name}={shown_value(value)}"
+
+
+def shown_value(value: str) -> str:
+    """The value as is, or quoted when it is empty or has surrounding spaces."""
+    return value if value and value == value.strip() else repr(value)
 
 
 def _flag_notes(env: Mapping[str, str]) -> tuple[str, ...]:
