@@ -71,7 +71,7 @@ def test_status_never_writes_and_check_gates(project, cli) -> None:
 def test_status_json_schema(project, cli) -> None:
     cli(project, "apply", CM)
     data = json.loads(cli(project, "status", CM, "--json").stdout)
-    assert set(data) == {"schema", "command", "ok", "exit_code", "error", "items", "notes", "smoke"}
+    assert set(data) == {"schema", "command", "ok", "exit_code", "error", "items", "notes", "smoke", "environment"}
     (item,) = data["items"]
     assert set(item) == {"patch", "target", "file", "state", "detail", "diff"}
     assert (item["patch"], item["target"], item["state"]) == (CM, "backtest", "applied")

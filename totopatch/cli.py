@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import click
 
-from . import __version__, engine
+from . import __version__, engine, environment, manifest as mf
 from .engine import Code, Context, Report
 from .state import open_context
 from .patches import COMPILE_MODES, PATCHES
@@ -53,6 +53,17 @@ def _color() -> bool:
     ctx = click.get_current_context(silent=True)
     off = ctx is not None and ctx.find_root().meta.get("totopatch.no_color", False)
     return not off and not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+
+
+def _with_environment(context: Context, report: Report) -> Report:
+    """Notes on what the current environment overrides; they never change the exit code."""
+    if report.error is None:
+        options = {e.patch: e.options for e in mf.load(context.manifest_path).entries}
+        live = {i.patch: options.get(i.patch, {}) for i in report.items if i.state in environment.IN_EFFECT_STATES}
+        found = environment.read(os.environ, PATCHES, live)
+        report.environment = found.as_dict()
+        report.notes.extend(found.notes)
+    return report
 
 
 def _selected(ids: tuple[str, ...]) -> list:
@@ -118,7 +129,8 @@ def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode:
 @click.pass_obj
 def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output: bool) -> None:
     """Show what is applied, drifted, missing or in conflict. Never writes."""
-    report = engine.status(where.context(), _selected(patch_ids), check=check)
+    context = where.context()
+    report = _with_environment(context, engine.status(context, _selected(patch_ids), check=check))
     _finish(report, as_json_output)
 
 
@@ -137,7 +149,7 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
            compile_mode: str | None, as_json_output: bool) -> None:
     """Prove the applied patches: structure, hashes, backups and, with --smoke, a compile test."""
     context = where.context()
-    report = engine.verify(context, _selected(patch_ids))
+    report = _with_environment(context, engine.verify(context, _selected(patch_ids)))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
         report = attach_smoke(context, report, device, backend, compile_mode,
                               progress=lambda phase: click.echo(f"smoke: {phase}", err=True))
@@ -169,6 +181,20 @@ def forget(where: Where, patch_ids: tuple[str, ...], dry_run: bool, as_json_outp
     ids = patch_ids or tuple(p.id for p in PATCHES)
     report = engine.forget(where.context(), _selected(ids), dry_run=dry_run, include_unknown=not patch_ids)
     _finish(report, as_json_output)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def doctor(where: Where, as_json_output: bool) -> None:
+    """Where you stand: Python, torch, which Toto is imported, patch states, environment, advice."""
+    from . import doctor as dr
+
+    if not where.root.is_dir():
+        _die(Code.USAGE, f"{where.root}: --root is not a directory")
+    found = dr.examine(where.root, where.installed, where.backtest, where.state_dir, os.environ)
+    click.echo(dr.as_json(found) if as_json_output else dr.as_text(found))
+    sys.exit(found.code)
 
 
 @main.command()

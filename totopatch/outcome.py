@@ -71,6 +71,7 @@ class Report:
     error_code: Code | None = None
     check: bool = False  # a state other than GOOD_STATES, or a failed smoke test, fails the command
     smoke: dict[str, object] | None = None
+    environment: dict[str, object] | None = None  # status and verify: what the run-time environment overrides
 
     def fail(self, code: Code, error: str) -> "Report":
         self.error_code, self.error = code, error

@@ -19,6 +19,7 @@ def as_json(report: Report) -> str:
         "items": [asdict(i) for i in report.items],
         "notes": report.notes,
         "smoke": report.smoke,
+        "environment": report.environment,
     }
     return json.dumps(data, indent=2)
 

@@ -56,6 +56,8 @@ class PatchRef:
     targets: tuple[str, ...]
     default: bool = True
     options: Mapping[str, str] = field(default_factory=dict)  # every option the patch takes, with its default
+    compiled_only: bool = False  # changes nothing when Toto runs eagerly (e.g. TOTO_DISABLE_COMPILE=1)
+    env_option: str | None = None  # the option a run-time environment variable can override
 
     def load(self) -> Patch:
         import importlib

@@ -1,0 +1,73 @@
+"""Measured advice: after how many forecasts in one process compiling Toto pays for its compile time.
+
+Every figure is copied from a result file committed under ``benchmarks/results/``, and
+``tests/test_advice.py`` checks each one against its file; the README's break-even table is
+``python -m totopatch.advice`` and is checked against this data too.  To add a call pattern, add one
+``Scenario`` to ``SCENARIOS``.
+
+break-even forecasts = compile seconds / (eager - compiled seconds per forecast), where the compile
+seconds are the compiled run's first call with an empty compile cache (which also forecasts once).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str  # the scenario's name in the result file
+    call_pattern: str
+    source: str  # relative to benchmarks/results/
+    device: str
+    torch: str
+    date: str
+    variant: str  # the tree both rows ran: "patched" (all default patches)
+    eager_ms: float  # median per forecast, compile off
+    mode: str  # the compile mode of the compiled row
+    compiled_ms: float  # median per forecast after warm-up
+    compile_s: float  # the compiled row's first call
+
+    @property
+    def break_even(self) -> int | None:
+        """Forecasts per process from which compiling is faster overall; None if it never is."""
+        saved_s = (self.eager_ms - self.compiled_ms) / 1000
+        return math.ceil(self.compile_s / saved_s) if saved_s > 0 else None
+
+
+_H200 = dict(source="final_h200_20261126.json", device="NVIDIA H200", torch="2.11.0+cu130",
+             date="2026-11-26", variant="patched")
+_DECODE = "decode: 8 variates, context 512, prediction 384, mean forecast"
+_SAMPLES = "samples: 1 variate, context 512, prediction 64, 256 samples in one batch"
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("decode", _DECODE, **_H200, eager_ms=83.709, mode="reduce-overhead", compiled_ms=20.947, compile_s=65.80),
+    Scenario("decode", _DECODE, **_H200, eager_ms=83.709, mode="default", compiled_ms=33.544, compile_s=58.56),
+    Scenario("samples", _SAMPLES, **_H200, eager_ms=25.233, mode="reduce-overhead", compiled_ms=22.061, compile_s=23.42),
+    Scenario("samples", _SAMPLES, **_H200, eager_ms=25.233, mode="default", compiled_ms=22.006, compile_s=23.02),
+)
+
+
+def _count(n: int | None) -> str:
+    return "never" if n is None else f"{n:,}"
+
+
+def lines() -> list[str]:
+    """One line per scenario, for ``totopatch doctor``."""
+    return [f"{s.call_pattern} ({s.device}): eager {s.eager_ms:.1f} ms, {s.mode} {s.compiled_ms:.1f} ms a forecast "
+            f"after a {s.compile_s:.1f} s first call; compiling pays off from {_count(s.break_even)} forecasts "
+            "per process" for s in SCENARIOS]
+
+
+def markdown_table() -> str:
+    """The README's break-even table."""
+    rows = ["| call pattern | compile mode | eager ms | compiled ms | first call s | break-even forecasts "
+            "per process | source |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    rows += [f"| {s.call_pattern} | {s.mode} | {s.eager_ms:.1f} | {s.compiled_ms:.1f} | {s.compile_s:.1f} | "
+             f"{_count(s.break_even)} | `{s.source}` ({s.device}, torch {s.torch}, {s.date}) |" for s in SCENARIOS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
