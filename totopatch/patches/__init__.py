@@ -12,6 +12,7 @@ PATCHES: tuple[PatchRef, ...] = (
     PatchRef("kv-cache", "kv_cache", ("util", "util_optimized")),
     PatchRef("sdpa-causal", "sdpa_causal", ("attention",)),
     PatchRef("spacewise-mask", "spacewise_mask", ("transformer",)),
+    PatchRef("shared-prefill", "shared_prefill", ("forecaster",)),
     PatchRef("compile-mode", "compile_mode", ("backtest",)),
 )
 
