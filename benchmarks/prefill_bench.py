@@ -8,7 +8,7 @@ warm-up call, then ``--repeats`` timed calls per context length; the figure is t
 patched tree is a temporary copy of the installed toto-ts with only ``shared-prefill`` applied,
 unless ``--patched-parent`` names one.  The samples of one seeded call are compared too.
 
-    python benchmarks/prefill_bench.py [--contexts 512,2048] [--repeats 5] [--json-out FILE]
+    python benchmarks/prefill_bench.py [--contexts 512,1024] [--repeats 3] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def run_tree(parent: Path, args: argparse.Namespace, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", default="512,2048", help="comma-separated context lengths")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--contexts", default="512,1024", help="comma-separated context lengths")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=3072)
     parser.add_argument("--samples-per-batch", type=int, default=384)
     parser.add_argument("--patched-parent", type=Path, help="folder holding a patched toto (default: a temp copy)")

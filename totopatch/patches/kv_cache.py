@@ -26,7 +26,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
-from totopatch.patches._cst import parse
+from totopatch.patches._cst import marked_span, parse
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 
 NEW_CLASS = "KVCacheCompileFriendly"
@@ -87,15 +87,7 @@ def _shape(node: cst.ClassDef, index: int, line: int) -> Shape:
 
 def _block_span(body: list[cst.BaseStatement], line: Callable[[int], int]) -> range:
     """Indices of the marked block's statements (empty when the module has none)."""
-    begins = [i for i, s in enumerate(body) if any(ln.comment and ln.comment.value.startswith(BEGIN)
-                                                   for ln in s.leading_lines)]
-    ends = [i for i, s in enumerate(body) if isinstance(s, cst.SimpleStatementLine)
-            and s.trailing_whitespace.comment and s.trailing_whitespace.comment.value.startswith(END)]
-    if not begins and not ends:
-        return range(0)
-    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise Refusal("damaged kv-cache block: its begin/end markers do not pair up", tuple(map(line, begins + ends)))
-    return range(begins[0], ends[0] + 1)
+    return marked_span(body, line, BEGIN, END, "kv-cache")
 
 
 def _find_cache(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> Shape:

@@ -43,6 +43,7 @@ KNOWN_BODIES = {
     "297c983f669014742145395cf2bccd5c61c1510944d9d92ad5e33faa9646e5ab": "toto-ts 0.2.0",
 }
 _NEEDED_IMPORTS = ("torch", "replace_extreme_values")
+_OURS = m.Name(m.MatchIfTrue(lambda name: name == NEW_CLASS or name.startswith("_totopatch_")))
 
 
 def _is_candidate(node: cst.BaseStatement) -> bool:
@@ -89,21 +90,20 @@ def _find_forecaster(body: list[cst.BaseStatement], line: Callable[[int], int], 
 
 
 def _imported_names(body: list[cst.BaseStatement]) -> set[str]:
+    """The plain names the module's top-level imports bind."""
     names: set[str] = set()
     for stmt in body:
         for node in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else ():
             if isinstance(node, (cst.Import, cst.ImportFrom)) and not isinstance(node.names, cst.ImportStar):
-                names.update((a.asname.name if a.asname else a.name).value  # type: ignore[union-attr]
-                             for a in node.names if isinstance(a.asname.name if a.asname else a.name, cst.Name))
+                bound = [alias.asname.name if alias.asname else alias.name for alias in node.names]
+                names.update(b.value for b in bound if isinstance(b, cst.Name))
     return names
 
 
 def _check_names(body: list[cst.BaseStatement], line: Callable[[int], int], skip: range) -> None:
     if missing := [n for n in _NEEDED_IMPORTS if n not in _imported_names(body)]:
         raise Refusal(f"the module does not import {', '.join(missing)} at top level, which the shared prefill needs")
-    clash = [i for i, s in enumerate(body) if i not in skip and (m.findall(s, m.Name(NEW_CLASS))
-                                                              or m.findall(s, m.Name(m.MatchIfTrue(
-                                                                  lambda n: n.startswith("_totopatch_")))))]
+    clash = [i for i, s in enumerate(body) if i not in skip and m.findall(s, _OURS)]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} or a _totopatch_ name outside a "
                       "shared-prefill block", tuple(map(line, clash)))
