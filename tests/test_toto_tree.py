@@ -41,7 +41,8 @@ def util(project: Path) -> Path:
 def test_list_names_every_patch(project, cli) -> None:
     ran = cli(project, "list")
     assert ran.exit_code == 0
-    assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "spacewise-mask", "compile-mode"]
+    assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "spacewise-mask",
+                                                                        "shared-prefill", "compile-mode"]
 
 
 def test_apply_all_status_verify_revert(project, cli) -> None:
@@ -51,7 +52,7 @@ def test_apply_all_status_verify_revert(project, cli) -> None:
     states = {(i["patch"], i["target"]): i["state"] for i in json.loads(cli(project, "status", "--json").stdout)["items"]}
     assert states == {("kv-cache", "util"): "applied", ("kv-cache", "util_optimized"): "not-present",
                       ("sdpa-causal", "attention"): "applied", ("spacewise-mask", "transformer"): "applied",
-                      ("compile-mode", "backtest"): "applied"}
+                      ("shared-prefill", "forecaster"): "applied", ("compile-mode", "backtest"): "applied"}
     assert cli(project, "status", "--check").exit_code == 0
     assert cli(project, "verify").exit_code == 0
     assert cli(project, "revert").exit_code == 0

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from totopatch.spec import Refusal
 from totopatch.textio import syntax_error
 
+Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 
 
@@ -26,6 +26,8 @@ def parse(source: str) -> cst.Module:
 
 def lines_of(module: cst.Module, nodes: Iterable[cst.CSTNode]) -> tuple[int, ...]:
     """1-based start lines of ``nodes`` (metadata is costly: call it only for refusals and notes)."""
+    from libcst.metadata import MetadataWrapper, PositionProvider  # 0.2 s to import: only when refusing
+
     positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
     return tuple(positions[node].start.line for node in nodes)
 
@@ -79,3 +81,32 @@ def _statement_ranges(tree: ast.Module) -> list[tuple[int, int]]:
         else:
             ranges.append((start, end))
     return ranges
+
+
+def marked_span(body: list[cst.BaseStatement], lines: Lines, begin: str, end: str, patch_id: str) -> range:
+    """Indices of a marked block's statements (``begin`` comment above the first, ``end`` after the last)."""
+    begins = [i for i, s in enumerate(body) if any(ln.comment and ln.comment.value.startswith(begin)
+                                                   for ln in s.leading_lines)]
+    ends = [i for i, s in enumerate(body) if isinstance(s, cst.SimpleStatementLine)
+            and s.trailing_whitespace.comment and s.trailing_whitespace.comment.value.startswith(end)]
+    if not begins and not ends:
+        return range(0)
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise Refusal(f"damaged {patch_id} block: its begin/end markers do not pair up", lines(begins + ends))
+    return range(begins[0], ends[0] + 1)
+
+
+class _NameFinder(cst.CSTVisitor):
+    def __init__(self, wanted: Callable[[str], bool]) -> None:
+        self.wanted, self.found = wanted, False
+
+    def visit_Name(self, node: cst.Name) -> bool:
+        self.found = self.found or self.wanted(node.value)
+        return False
+
+
+def uses_name(node: cst.CSTNode, wanted: Callable[[str], bool]) -> bool:
+    """Whether any name under ``node`` is one ``wanted`` accepts."""
+    finder = _NameFinder(wanted)
+    node.visit(finder)
+    return finder.found

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import lines_of, parse
+from totopatch.patches._cst import Lines, lines_of, marked_span, parse, uses_name
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 from totopatch.textio import syntax_error
 
@@ -63,21 +63,6 @@ def _is_docstring_or_pass(stmt: cst.BaseStatement) -> bool:
         return False
     only = stmt.body[0]
     return isinstance(only, cst.Pass) or (isinstance(only, cst.Expr) and isinstance(only.value, cst.SimpleString))
-
-
-class _UsesName(cst.CSTVisitor):
-    def __init__(self, name: str) -> None:
-        self.name, self.found = name, False
-
-    def visit_Name(self, node: cst.Name) -> bool:
-        self.found = self.found or node.value == self.name
-        return False
-
-
-def _uses_name(node: cst.CSTNode, name: str) -> bool:
-    finder = _UsesName(name)
-    node.visit(finder)
-    return finder.found
 
 
 @dataclass(frozen=True)
@@ -122,20 +107,9 @@ def _shape(node: cst.ClassDef, index: int) -> Shape:
     return Shape(node, index, frozenset(fields), methods, others)
 
 
-Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
-
-
 def _block_span(body: list[cst.BaseStatement], lines: Lines) -> range:
     """Indices of the marked block's statements (empty when the module has none)."""
-    begins = [i for i, s in enumerate(body) if any(ln.comment and ln.comment.value.startswith(BEGIN)
-                                                   for ln in s.leading_lines)]
-    ends = [i for i, s in enumerate(body) if isinstance(s, cst.SimpleStatementLine)
-            and s.trailing_whitespace.comment and s.trailing_whitespace.comment.value.startswith(END)]
-    if not begins and not ends:
-        return range(0)
-    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise Refusal("damaged kv-cache block: its begin/end markers do not pair up", lines(begins + ends))
-    return range(begins[0], ends[0] + 1)
+    return marked_span(body, lines, BEGIN, END, "kv-cache")
 
 
 def _find_cache(body: list[cst.BaseStatement], lines: Lines, skip: range) -> Shape:
@@ -173,7 +147,7 @@ def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatemen
         raise Refusal("the module has no top-level `import torch`, which the compile-friendly cache needs")
     if source.count(NEW_CLASS) == sum(code.count(NEW_CLASS) for code in block_code):
         return  # not even in the text outside the block: spares a walk of the whole module
-    clash = [i for i, s in enumerate(body) if i not in skip and _uses_name(s, NEW_CLASS)]
+    clash = [i for i, s in enumerate(body) if i not in skip and uses_name(s, NEW_CLASS.__eq__)]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} outside a kv-cache block",
                       lines(clash))

@@ -1,0 +1,206 @@
+"""shared-prefill: found by structure, refused when unknown, exact revert; same seed, same samples as upstream."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from conftest import installed_toto_package, snapshot
+from test_versions import package
+from totopatch.patches import kv_cache, shared_prefill
+from totopatch.spec import Refusal
+
+FIXTURES = Path(__file__).parent / "fixtures" / "prefill"
+sys.path.insert(0, str(FIXTURES))
+import forecast_samples  # noqa: E402
+
+VERSIONS = ["0.1.3", "0.1.4", "0.2.0"]
+RTOL = 1e-5
+
+
+def forecaster_source(version: str) -> str:
+    return (package(version) / "inference" / "forecaster.py").read_text()
+
+
+def without_block(source: str) -> str:
+    start = source.index("\n\n\n" + shared_prefill.BEGIN)
+    end = source.index(shared_prefill.END) + len(shared_prefill.END) + 1
+    return source[:start] + "\n" + source[end:]
+
+
+# ---------------------------------------------------------------- the rewrite
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fixes_every_release_with_one_block_after_the_class(version) -> None:
+    source = forecaster_source(version)
+    patched = shared_prefill.rewrite(source, {}).source
+    assert shared_prefill.rewrite(patched, {}).source == patched
+    assert without_block(patched) == source
+    compile(patched, "forecaster.py", "exec")
+    assert not re.search(r"^\s*(import|from)\s+totopatch\b", patched, re.M)  # works without totopatch
+    assert "TotoForecaster = TotoForecasterSharedPrefill  # totopatch shared-prefill: end" in patched
+    assert "class TotoForecasterSharedPrefill(TotoForecaster):" in patched
+
+
+def test_fixes_a_renamed_reformatted_class() -> None:
+    source = forecaster_source("0.2.0").replace("TotoForecaster", "MyForecaster")
+    source = source.replace("num_batches = num_samples // sampling_batch_size",
+                            "num_batches = num_samples  //  sampling_batch_size  # a comment")
+    patched = shared_prefill.rewrite(source, {}).source
+    assert "class TotoForecasterSharedPrefill(MyForecaster):" in patched
+    assert "MyForecaster = TotoForecasterSharedPrefill  # totopatch shared-prefill: end" in patched
+
+
+REFUSED = [
+    pytest.param(lambda s: s.replace("sample = distr.sample()", "sample = distr.sample((1,))"),
+                 "not the code of a supported toto-ts release", id="other-sampling"),
+    pytest.param(lambda s: s.replace("        num_exogenous_variables: int = 0,\n    ) -> Float[torch.Tensor, "
+                                     "\"batch variate time_steps samples\"]:",
+                                     "        num_exogenous_variables: int = 0,\n        seed: int = 0,\n"
+                                     "    ) -> Float[torch.Tensor, \"batch variate time_steps samples\"]:"),
+                 "parameters this patch does not know", id="new-parameter"),
+    pytest.param(lambda s: s.replace("    def generate_samples(", "    def sample_paths("),
+                 "no forecaster class", id="no-generate-samples"),
+    pytest.param(lambda s: s + "\n\nclass Other:\n" + "".join(f"    def {name}(self):\n        pass\n" for name in (
+                 "forecast", "generate_samples", "create_affine_transformed")), "ambiguous: 2 forecaster classes",
+                 id="two-classes"),
+    pytest.param(lambda s: s.replace("    replace_extreme_values,\n", ""), "does not import replace_extreme_values",
+                 id="no-replace-extreme-values"),
+    pytest.param(lambda s: s + "\n_totopatch_tile = None\n", "_totopatch_ name outside", id="name-clash"),
+    pytest.param(lambda s: "x = 1\n", "no forecaster class", id="unrelated-module"),
+]
+
+
+@pytest.mark.parametrize("mutate, reason", REFUSED)
+def test_refuses_unknown_shapes(mutate, reason) -> None:
+    source = mutate(forecaster_source("0.2.0"))
+    with pytest.raises(Refusal, match=re.escape(reason)):
+        shared_prefill.rewrite(source, {})
+
+
+def test_refuses_a_damaged_block_and_a_block_elsewhere() -> None:
+    patched = shared_prefill.rewrite(forecaster_source("0.2.0"), {}).source
+    with pytest.raises(Refusal, match="damaged shared-prefill block"):
+        shared_prefill.rewrite(patched.replace("  # totopatch shared-prefill: end", ""), {})
+    head, tail = patched.split("\n\n\n# totopatch shared-prefill: begin")
+    moved = head.replace("\n\n\n@dataclass(frozen=True)", "\n\n\n# totopatch shared-prefill: begin" +
+                         tail.rstrip("\n") + "\n\n\n@dataclass(frozen=True)", 1) + "\n"
+    with pytest.raises(Refusal, match="not right after class TotoForecaster"):
+        shared_prefill.rewrite(moved, {})
+
+
+def test_an_outdated_block_is_replaced_with_a_note() -> None:
+    patched = shared_prefill.rewrite(forecaster_source("0.2.0"), {}).source
+    old = patched.replace("layers that share a slot are copied once", "older wording")
+    again = shared_prefill.rewrite(old, {})
+    assert again.source == patched and again.notes
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cli_applies_alone_and_with_every_patch_and_reverts_exactly(tmp_path, cli, version) -> None:
+    root = tmp_path / "checkout"
+    shutil.copytree(package(version), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    before = snapshot(root)
+    for selection in [()] if version != "0.2.0" else [("shared-prefill",), ()]:
+        ran = cli(root, "apply", *selection)
+        assert ran.exit_code == 0, ran.stderr
+        assert "TotoForecasterSharedPrefill" in (root / "toto" / "inference" / "forecaster.py").read_text()
+        assert cli(root, "status", *(selection or ("kv-cache", "sdpa-causal", "spacewise-mask", "shared-prefill")),
+                   "--check").exit_code == 0
+        assert cli(root, "revert").exit_code == 0
+        assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}
+
+
+# ---------------------------------------------------------------- the samples
+
+
+def load_forecaster(tmp_path: Path, name: str, source: str) -> ModuleType:
+    """``source`` as a sibling module of the installed ``toto.inference.forecaster`` (relative imports work)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"toto.inference.{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_same_samples(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for name in before:
+        a, b = before[name], after[name]
+        assert a.shape == b.shape, name
+        rel = ((a - b).abs() / a.abs().clamp_min(1e-6)).max().item()
+        assert rel <= RTOL, f"{name}: max relative difference {rel:.3g}"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from totopatch.smoke import build_model
+
+    return build_model("tiny").model
+
+
+@pytest.fixture(scope="module")
+def upstream_samples(tiny_model) -> dict:
+    from toto.inference.forecaster import TotoForecaster
+
+    return forecast_samples.run_cases(TotoForecaster, tiny_model, exogenous=True)
+
+
+@pytest.mark.parametrize("cache", ["upstream-cache", "kv-cache-patched"])
+def test_same_seed_same_samples_on_the_installed_release(tmp_path, monkeypatch, tiny_model, upstream_samples,
+                                                         cache) -> None:
+    import toto.model.backbone as backbone
+
+    patched = load_forecaster(tmp_path, "forecaster_shared", shared_prefill.rewrite(forecaster_source("0.2.0"), {}).source)
+    assert patched.TotoForecaster.__name__ == "TotoForecasterSharedPrefill"
+    if cache == "kv-cache-patched":
+        util = (installed_toto_package() / "model" / "util.py").read_text()
+        util_module = load_forecaster(tmp_path, "util_kv", kv_cache.rewrite(util, {}).source)  # same package depth
+        monkeypatch.setattr(backbone, "KVCache", util_module.KVCache)
+    assert_same_samples(upstream_samples, forecast_samples.run_cases(patched.TotoForecaster, tiny_model, exogenous=True))
+
+
+def test_same_seed_same_samples_with_the_013_forecaster(tmp_path, tiny_model) -> None:
+    """0.1.3's forecaster (0.1.4's is the same code) against its patched self, on the installed model."""
+    source = forecaster_source("0.1.3")
+    original = load_forecaster(tmp_path, "forecaster_013", source)
+    patched = load_forecaster(tmp_path, "forecaster_013_shared", shared_prefill.rewrite(source, {}).source)
+    assert_same_samples(forecast_samples.run_cases(original.TotoForecaster, tiny_model),
+                        forecast_samples.run_cases(patched.TotoForecaster, tiny_model))
+
+
+def test_mean_forecasts_and_unknown_distributions_run_as_upstream(tmp_path, tiny_model) -> None:
+    from toto.inference.forecaster import TotoForecaster
+
+    patched = load_forecaster(tmp_path, "forecaster_shared", shared_prefill.rewrite(forecaster_source("0.2.0"), {}).source)
+    inputs = forecast_samples._inputs(3, 32, 1)
+    means = [cls(tiny_model).forecast(inputs, prediction_length=9, num_samples=None).mean
+             for cls in (TotoForecaster, patched.TotoForecaster)]
+    assert torch.equal(*means)
+    assert patched._totopatch_tile_distribution(torch.distributions.Laplace(torch.zeros(1, 2), 1.0), 3) is None
+    normal = torch.distributions.Normal(torch.randn(2, 3), torch.rand(2, 3) + 0.1)
+    tiled = patched._totopatch_tile_distribution(normal, 3)
+    assert torch.equal(tiled.loc, normal.loc.repeat(3, 1)) and torch.equal(tiled.scale, normal.scale.repeat(3, 1))
+
+
+@pytest.mark.slow
+def test_a_fully_patched_tree_gives_the_same_samples_without_totopatch(tmp_path, cli, upstream_samples) -> None:
+    root = tmp_path / "checkout"
+    shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    assert cli(root, "apply").exit_code == 0
+    run = subprocess.run([sys.executable, str(FIXTURES / "forecast_samples.py"), "--toto-parent", str(root),
+                          "--out", str(tmp_path / "after.pt"), "--exogenous"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = torch.load(tmp_path / "after.pt", weights_only=False)
+    assert after.pop("forecaster") == "TotoForecasterSharedPrefill"
+    assert_same_samples(upstream_samples, after)

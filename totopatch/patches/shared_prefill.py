@@ -1,0 +1,155 @@
+"""Prefill the context once per forecast: a marked subclass block right after Toto's forecaster class.
+
+Upstream's ``generate_samples`` repeats the context ``samples_per_batch`` times and runs the whole
+prefill once per sampling batch, although only the draws differ.  The block of
+``shared_prefill_template.py.txt`` beside this module subclasses the forecaster, prefills once at
+the input's own batch size, samples the first step from that distribution repeated to upstream's
+sampling shape (the same call on the same shape, so the same random numbers for a seed), and copies
+the prefill's KV cache into each sampling batch's cache for the later steps.  The original name is
+then rebound to the subclass, so ``from toto.inference.forecaster import TotoForecaster`` gets it.
+
+The class is found by structure (the methods ``forecast``, ``generate_samples`` and
+``create_affine_transformed``), not by name.  Because the block replaces what ``generate_samples``
+does, that method must be one this patch knows: its parameters and its code, compared token by
+token (comments, formatting and its docstring do not count), must be those of a supported toto-ts
+release.  Anything else is refused.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import tokenize
+from importlib import resources
+from typing import Callable, Iterable
+
+import libcst as cst
+
+from totopatch.patches._cst import Lines, lines_of, marked_span, parse, uses_name
+from totopatch.spec import Options, Patch, Refusal, Rewrite
+
+NEW_CLASS = "TotoForecasterSharedPrefill"
+BEGIN, END = "# totopatch shared-prefill: begin", "# totopatch shared-prefill: end"
+_BASE = "__FORECASTER_BASE__"
+_METHODS = frozenset({"forecast", "generate_samples", "create_affine_transformed"})
+_PARAMS_013 = ("self", "inputs", "prediction_length", "num_samples", "timestamp_seconds", "time_interval_seconds",
+               "input_padding_mask", "id_mask", "sampling_batch_size", "use_kv_cache")
+_PARAMS_020 = _PARAMS_013 + ("future_exogenous_variables", "num_exogenous_variables")
+# sha256 of generate_samples' tokens (docstring, comments and layout left out), per known release.
+KNOWN_BODIES = {
+    "f8e16fe43108c146f441c190c468bdf52097d546e71a7d103bf3c22e0df90834": "toto-ts 0.1.3, 0.1.4",
+    "297c983f669014742145395cf2bccd5c61c1510944d9d92ad5e33faa9646e5ab": "toto-ts 0.2.0",
+}
+_NEEDED_IMPORTS = ("torch", "replace_extreme_values")
+def _is_ours(name: str) -> bool:
+    return name == NEW_CLASS or name.startswith("_totopatch_")
+
+
+def _is_candidate(node: cst.BaseStatement) -> bool:
+    return isinstance(node, cst.ClassDef) and _METHODS <= {
+        s.name.value for s in node.body.body if isinstance(s, cst.FunctionDef)}
+
+
+def _method(node: cst.ClassDef, name: str) -> cst.FunctionDef:
+    return next(s for s in node.body.body if isinstance(s, cst.FunctionDef) and s.name.value == name)
+
+
+def _is_docstring(stmt: cst.BaseStatement) -> bool:
+    return (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Expr)
+            and isinstance(stmt.body[0].value, cst.SimpleString))
+
+
+def fingerprint(function: cst.FunctionDef) -> str:
+    """sha256 of the function's tokens, without its docstring, comments or layout."""
+    body = list(function.body.body)
+    if body and _is_docstring(body[0]):
+        body = body[1:]
+    code = cst.Module(body=[function.with_changes(body=function.body.with_changes(body=body))]).code
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type not in skip]
+    return hashlib.sha256(" ".join(tokens).encode()).hexdigest()
+
+
+def _check_forecaster(node: cst.ClassDef, where: Callable[[], tuple[int, ...]]) -> None:
+    method = _method(node, "generate_samples")
+    params = tuple(p.name.value for p in method.params.params)
+    if params not in (_PARAMS_013, _PARAMS_020):
+        raise Refusal(f"{node.name.value}.generate_samples has parameters this patch does not know: "
+                      f"({', '.join(params)})", where())
+    if fingerprint(method) not in KNOWN_BODIES:
+        raise Refusal(f"{node.name.value}.generate_samples is not the code of a supported toto-ts release "
+                      f"({'; '.join(sorted(set(KNOWN_BODIES.values())))})", where())
+
+
+def _find_forecaster(body: list[cst.BaseStatement], lines: Lines, skip: range) -> int:
+    found = [i for i, s in enumerate(body) if i not in skip and _is_candidate(s)]
+    if not found:
+        raise Refusal("no forecaster class: expected a class with forecast, generate_samples and "
+                      "create_affine_transformed methods")
+    if len(found) > 1:
+        names = ", ".join(body[i].name.value for i in found)  # type: ignore[attr-defined]
+        raise Refusal(f"ambiguous: {len(found)} forecaster classes ({names})", lines(found))
+    _check_forecaster(body[found[0]], lambda: lines(found))  # type: ignore[arg-type]
+    return found[0]
+
+
+def _imported_names(body: list[cst.BaseStatement]) -> set[str]:
+    """The plain names the module's top-level imports bind."""
+    names: set[str] = set()
+    for stmt in body:
+        for node in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else ():
+            if isinstance(node, (cst.Import, cst.ImportFrom)) and not isinstance(node.names, cst.ImportStar):
+                bound = [alias.asname.name if alias.asname else alias.name for alias in node.names]
+                names.update(b.value for b in bound if isinstance(b, cst.Name))
+    return names
+
+
+def _check_names(body: list[cst.BaseStatement], lines: Lines, skip: range) -> None:
+    if missing := [n for n in _NEEDED_IMPORTS if n not in _imported_names(body)]:
+        raise Refusal(f"the module does not import {', '.join(missing)} at top level, which the shared prefill needs")
+    clash = [i for i, s in enumerate(body) if i not in skip and uses_name(s, _is_ours)]
+    if clash:
+        raise Refusal(f"the module already uses the name {NEW_CLASS} or a _totopatch_ name outside a "
+                      "shared-prefill block", lines(clash))
+
+
+@functools.cache
+def _template() -> str:
+    return resources.files("totopatch.patches").joinpath("shared_prefill_template.py.txt").read_text(encoding="utf-8")
+
+
+def _block(base: str) -> list[cst.BaseStatement]:
+    """The template's statements for a forecaster class named ``base``, two blank lines before the first."""
+    parsed = cst.parse_module(_template().replace(_BASE, base))
+    first, *rest = parsed.body
+    lead = [cst.EmptyLine(), cst.EmptyLine(), *parsed.header, *first.leading_lines]
+    return [first.with_changes(leading_lines=lead), *rest]
+
+
+def rewrite(source: str, options: Options) -> Rewrite:
+    module = parse(source)
+    body = list(module.body)
+
+    def lines(indices: Iterable[int]) -> tuple[int, ...]:
+        return lines_of(module, [body[i] for i in indices])
+
+    span = marked_span(body, lines, BEGIN, END, "shared-prefill")
+    index = _find_forecaster(body, lines, span)
+    _check_names(body, lines, span)
+    if span and span.start != index + 1:
+        raise Refusal(f"the shared-prefill block is not right after class {body[index].name.value}",  # type: ignore
+                      lines((index, span.start)))
+    block = _block(body[index].name.value)  # type: ignore[attr-defined]
+    if [module.code_for_node(s) for s in body[span.start:span.stop]] == [module.code_for_node(s) for s in block]:
+        return Rewrite(source)
+    notes = ("replaced a shared-prefill block written by another totopatch version",) if span else ()
+    body[index + 1:index + 1 + len(span)] = block
+    return Rewrite(module.with_changes(body=body).code, notes)
+
+
+PATCH = Patch(
+    id="shared-prefill",
+    description="Run the context prefill once per forecast in forecaster.py, shared by every sampling batch",
+    targets=("forecaster",),
+    rewrite=rewrite,
+)
