@@ -11,6 +11,7 @@ import pytest
 from totopatch import doctor
 from totopatch.environment import VARIABLES
 from totopatch.layout import installed_toto
+from totopatch.patches import PATCHES
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the CLI in a fresh process, then reports which of the heavy packages it imported.
@@ -51,7 +52,7 @@ def test_doctor_without_torch_imports_nothing_heavy(project, cli, tmp_path) -> N
     assert probe["heavy"] == []
     assert report["torch"] == {"installed": False, "version": None, "cuda_build": None, "cuda_available": None,
                                "error": None}
-    assert [p["state"] for p in report["patches"]] == ["applied"] * 4
+    assert [p["state"] for p in report["patches"]] == ["applied"] * len(PATCHES)
     assert probe["code"] == report["exit_code"]
 
 
@@ -90,7 +91,7 @@ def test_doctor_json_has_the_same_content(project, cli, monkeypatch) -> None:
     assert {"python", "torch", "toto", "patches", "environment", "compile_cache", "advice", "problems"} <= set(data)
     states = {p["patch"]: p["state"] for p in data["patches"]}
     assert states == {"kv-cache": "not-recorded", "sdpa-causal": "not-recorded", "spacewise-mask": "not-recorded",
-                      "compile-mode": "applied"}
+                      "shared-prefill": "not-recorded", "compile-mode": "applied"}
     assert data["environment"]["notes"] == ["TOTO_COMPILE_MODE=max-autotune overrides the patched default reduce-overhead"]
     assert data["toto"]["tree_is_patched"] is False and data["exit_code"] == 0
 

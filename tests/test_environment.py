@@ -7,10 +7,8 @@ import pytest
 from totopatch import environment
 from totopatch.environment import VARIABLES, read
 from totopatch.patches import PATCHES
-from totopatch.spec import PatchRef
 
 ALL = {p.id: {} for p in PATCHES} | {"compile-mode": {"compile_mode": "reduce-overhead"}}
-SHARED_PREFILL = PatchRef("shared-prefill", "shared_prefill", ("forecaster",))
 COMPILED_ONLY = "sdpa-causal, spacewise-mask and compile-mode have no effect at run time"
 
 
@@ -50,15 +48,18 @@ def test_compile_switches(env, compile_state, set_by) -> None:
 
 def test_disable_names_the_variable_and_what_still_takes_effect() -> None:
     found = read({"TOTO_DISABLE_COMPILE": "1"}, PATCHES, ALL)
-    assert found.notes == (f"TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; kv-cache does",)
+    assert found.notes == (f"TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; kv-cache and shared-prefill do",)
     assert meaning(found, "TOTO_DISABLE_COMPILE") == "compile off: Toto runs eager"
 
 
 def test_a_patch_that_works_eagerly_is_named_only_once_it_is_registered() -> None:
-    registry = PATCHES + (SHARED_PREFILL,)
-    (note,) = read({"TOTO_COMPILE": "0"}, registry, ALL).notes
+    applied = {k: v for k, v in ALL.items() if k != "shared-prefill"}
+    (note,) = read({"TOTO_COMPILE": "0"}, PATCHES, applied).notes
     assert note.endswith("; kv-cache does; shared-prefill would, but is not applied")
-    (note,) = read({"TOTO_COMPILE": "0"}, registry, ALL | {"shared-prefill": {}}).notes
+    unregistered = tuple(p for p in PATCHES if p.id != "shared-prefill")
+    (note,) = read({"TOTO_COMPILE": "0"}, unregistered, applied).notes
+    assert note.endswith("; kv-cache does") and "shared-prefill" not in note
+    (note,) = read({"TOTO_COMPILE": "0"}, PATCHES, ALL).notes
     assert note.endswith("; kv-cache and shared-prefill do")
 
 
@@ -140,7 +141,7 @@ def test_status_notes_the_environment_and_keeps_its_exit_code(project, cli, monk
     monkeypatch.setenv("TOTO_COMPILE_MODE", "max-autotune")
     ran = cli(project, "status", "--check")
     assert ran.exit_code == 0
-    assert f"note: TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; kv-cache does" in ran.stdout
+    assert f"note: TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; kv-cache and shared-prefill do" in ran.stdout
 
 
 def test_status_json_has_a_structured_environment(project, cli, monkeypatch) -> None:
