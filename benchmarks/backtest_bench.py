@@ -128,11 +128,12 @@ def make_calls(torch: Any, toto_data: Any, scen: dict, device: Any) -> list[tupl
 
 def configure_torch(torch: Any, cuda: bool, allow_math_sdp: bool) -> dict:
     """TF32 on; on CUDA flash and memory-efficient SDPA on, math off (the users' settings)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
-    settings = {"tf32": True, "dtype": "float32"}
+    settings: dict[str, Any] = {"dtype": "float32"}
     if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        settings["tf32"] = True
         torch.backends.cuda.enable_flash_sdp(True)
         torch.backends.cuda.enable_mem_efficient_sdp(True)
         torch.backends.cuda.enable_math_sdp(allow_math_sdp)
@@ -187,6 +188,9 @@ def build_backbone(torch: Any, model: Any, spec: dict) -> Any:
                 hasattr(torch.compiler.config, "dynamic_sources"):
             # the prefix length is a Python int argument: mark it by its source name
             torch.compiler.config.dynamic_sources = "L['scaling_prefix_length']"
+            opts["dynamic_sources"] = torch.compiler.config.dynamic_sources
+        else:
+            opts["dynamic_sources"] = "unsupported by this torch"
         compiled = MarkTimeDynamic(torch, compiled)
     return compiled
 
@@ -199,6 +203,8 @@ class LogCollector(logging.Handler):
         self.recompile_reasons: list[str] = []
         self.skip_reasons: list[str] = []
         self.bypass_reasons: list[str] = []
+        self.fx_keys: list[str] = []  # "hit KEY" / "miss KEY" of the FX graph cache, in order
+        self.fx_details: list[str] = []  # what each FX graph cache key was hashed from
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -211,6 +217,10 @@ class LogCollector(logging.Handler):
             self.add_skip(msg)
         elif msg.startswith("Bypassing"):
             self.add_bypass(f"{record.name}: {msg}")
+        elif msg.startswith("fx graph cache ") and " for key " in msg and len(self.fx_keys) < 64:
+            self.fx_keys.append(msg[len("fx graph cache "):])
+        elif msg.startswith("FX graph cache hash details") and len(self.fx_details) < 8:
+            self.fx_details.append(msg[:60000])
 
     def add_skip(self, msg: str) -> None:
         if len(self.skip_reasons) < 8 and msg[:300] not in self.skip_reasons:
@@ -232,7 +242,11 @@ def hook_logs(torch: Any, collector: LogCollector) -> None:
     for name in ("torch._dynamo", "torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache"):
         logger = logging.getLogger(name)
         logger.addHandler(collector)
-        if name != "torch._dynamo" and logger.getEffectiveLevel() > logging.INFO:
+        if name == "torch._inductor.codecache":
+            # its debug level says what each FX graph cache key was hashed from; kept out of the log
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+        elif name != "torch._dynamo" and logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
     for modname in ("torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache"):
         try:
@@ -289,7 +303,7 @@ class Worker:
         self.t_start = time.perf_counter()
         self.row: dict[str, Any] = {k: None for k in ROW_KEYS}
         self.row.update(variant=spec["variant"], mode=spec["mode"], cache=spec["cache"],
-                        scenario=spec["scenario"], options=dict(spec["options"]), error=None)
+                        scenario=spec["scenario"], options=spec["options"], error=None)
         self.meta: dict[str, Any] = {}
 
     def flush(self, phase: str) -> None:
@@ -385,7 +399,8 @@ class Worker:
             hook_logs(torch, collector)  # after set_logs, which resets the loggers' levels
             t0 = time.perf_counter()
             cold_times, cold_q = replay()
-            self.row["cold_total_s"] = round(time.perf_counter() - t0, 3)
+            self.row["cold_wall_s"] = round(time.perf_counter() - t0, 3)  # with the quantiles' computation
+            self.row["cold_total_s"] = round(sum(cold_times), 3)
             Path(spec["quantiles_path"]).write_text(json.dumps(cold_q.tolist()))
             self.row["cold_forecast_s_max"] = round(max(cold_times), 3)
             self.row["recompile_limit_hits"] = dlog.limit_hits
@@ -393,6 +408,7 @@ class Worker:
             self.row["recompiles_cold"] = dlog.recompiles
             self.row["cache_counters"] = cache_counters(counters)
             self.row["compile_times"] = compile_times_summary(torch)
+            Path(spec["fx_details_path"]).write_text(json.dumps(collector.fx_details))
             self.flush("cold")
 
             warm_all: list[float] = []
@@ -400,7 +416,8 @@ class Worker:
             by_length: dict[int, list[float]] = {}
             deadline = self.t_start + spec["time_limit_s"]
             for _ in range(spec["repeats"]):
-                last = per_replay[-1] * len(calls) / 1e3 if per_replay else sum(cold_times) * 0.5
+                # the cold replay's median forecast is a warm one unless most forecasts compiled
+                last = (per_replay[-1] if per_replay else statistics.median(cold_times) * 1e3) * len(calls) / 1e3
                 if time.perf_counter() + last * 1.2 > deadline:
                     self.row["warm_note"] = "warm repeats cut short by the row's time limit"
                     break
@@ -443,6 +460,7 @@ class Worker:
             frames_compiled=int(counters["frames"]["ok"]),
             unique_graphs=int(counters["stats"]["unique_graphs"]),
             recompile_reasons=collector.recompile_reasons,
+            fxgraph_cache_keys=collector.fx_keys,
             cudagraph_skip_reasons=collector.skip_reasons,
             cache_bypass_reasons=collector.bypass_reasons,
             peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
@@ -613,6 +631,21 @@ def max_rel_diff(q: list, ref: list) -> float | None:
 
 def _flatten(x: Any) -> list[float]:
     return [v for item in x for v in _flatten(item)] if isinstance(x, list) else [float(x)]
+
+
+def key_diff(fresh: Path, warm: Path) -> list[str] | None:
+    """The lines of the FX graph cache keys' hash details that differ between two processes, graph by graph."""
+    if not (fresh.exists() and warm.exists()):
+        return None
+    out = []
+    for i, (a, b) in enumerate(zip(json.loads(fresh.read_text()), json.loads(warm.read_text()))):
+        a_lines, b_lines = a.splitlines()[1:], b.splitlines()[1:]  # the first line names the key itself
+        a_set, b_set = set(a_lines), set(b_lines)
+        only_a = [line for line in a_lines if line not in b_set]
+        only_b = [line for line in b_lines if line not in a_set]
+        out += [f"graph {i} fresh: {line[:300]}" for line in only_a[:10]]
+        out += [f"graph {i} warm:  {line[:300]}" for line in only_b[:10]]
+    return out
 
 
 def gpu_name(device: str) -> str:
@@ -858,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     index = 0
     for scen_name, scen in scenarios.items():
         fresh_cache: Path | None = None
+        fresh_details: Path | None = None
         artifacts: Path | None = None
         for base in row_specs:
             spec = json.loads(json.dumps(base))
@@ -876,6 +910,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec["cache_root"] = str(work / f"cache_{index:02d}")
             spec["artifacts_path"] = str(artifacts)
             spec["quantiles_path"] = str(work / f"{spec['tag']}.quantiles.json")
+            spec["fx_details_path"] = str(work / f"{spec['tag']}.fx_details.json")
+            if spec["cache"] == "fresh":
+                fresh_details = Path(spec["fx_details_path"])
             remaining = args.budget - (time.perf_counter() - t_begin) if args.budget else float("inf")
             timeout = min(args.row_timeout, remaining - 5)
             if spec["cache"] == "warm" and spec["options"]["warm_from"] == "artifacts" and not artifacts.exists():
@@ -888,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {spec['tag']} (timeout {timeout:.0f}s) ...", flush=True)
                 res = run_worker(spec, log_dir / f"{stem}_{spec['tag']}.log", timeout)
             row = res["row"]
+            if spec["cache"] == "warm" and fresh_details is not None:
+                row["fxgraph_key_diff_vs_fresh"] = key_diff(fresh_details, Path(spec["fx_details_path"]))
             qfiles[len(doc["rows"])] = Path(spec["quantiles_path"])
             doc["rows"].append(row)
             if res.get("meta", {}).get("torch"):
