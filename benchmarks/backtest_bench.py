@@ -416,8 +416,8 @@ class Worker:
             by_length: dict[int, list[float]] = {}
             deadline = self.t_start + spec["time_limit_s"]
             for _ in range(spec["repeats"]):
-                # the cold replay's median forecast is a warm one unless most forecasts compiled
-                last = (per_replay[-1] if per_replay else statistics.median(cold_times) * 1e3) * len(calls) / 1e3
+                # before the first warm replay: twice the fastest cold forecast (one that did not compile) each
+                last = (per_replay[-1] if per_replay else 2e3 * min(cold_times)) * len(calls) / 1e3
                 if time.perf_counter() + last * 1.2 > deadline:
                     self.row["warm_note"] = "warm repeats cut short by the row's time limit"
                     break
@@ -879,8 +879,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": (f"Toto {'tiny' if args.tiny else 'Toto-Open-Base-1.0 shape'}: embed {dims['embed_dim']}, "
                       f"{dims['num_layers']} layers, {dims['num_heads']} heads, patch {dims['patch_size']}, "
                       f"random weights (seed {args.seed}), float32, SDPA"),
-            "settings": "TF32 on" + ("" if device != "cuda" else
-                                     ", SDPA flash + memory-efficient on, math " + ("on" if args.allow_math_sdp else "off")),
+            "settings": ("fp32 (CPU: no TF32)" if device != "cuda" else
+                         "fp32, TF32 on, SDPA flash + memory-efficient on, math " + ("on" if args.allow_math_sdp else "off")),
             "call": "TotoForecaster(backbone).forecast(MaskedTimeseries(context[None, :]), prediction_length, "
                     "num_samples, samples_per_batch, use_kv_cache=True)",
             "unpatched_parent": str(unpatched_parent), "patched_parent": str(patched_parent) if patched_parent else None,
