@@ -613,7 +613,9 @@ def run_worker(spec: dict, log_path: Path, timeout: float) -> dict:
         res["row"].update(variant=spec["variant"], mode=spec["mode"], cache=spec["cache"],
                           scenario=spec["scenario"], options=spec["options"], error=None)
     row = res["row"]
-    if rc != 0 and not row.get("error"):
+    if rc != 0 and row.get("phase") == "done":
+        row["exit"] = f"{rc} after its last result was written"  # e.g. killed while the interpreter shut down
+    elif rc != 0 and not row.get("error"):
         tail = log_path.read_text(errors="replace")[-600:] if log_path.exists() else ""
         row["error"] = f"worker exit {rc} in phase {row.get('phase', 'start')}: {tail}"
     row["process_wall_s"] = round(wall, 2)
