@@ -694,7 +694,10 @@ def write_reports(doc: dict, out: Path, stem: str) -> None:
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     os.replace(tmp, out / f"{stem}.json")
     (out / f"{stem}.md").write_text(markdown(doc))
-    chart(doc, out / f"{stem}.png")
+    try:
+        chart(doc, out / f"{stem}.png")
+    except Exception as exc:  # noqa: BLE001 - a chart must never cost the rows still to run
+        print(f"chart failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 def markdown(doc: dict) -> str:
