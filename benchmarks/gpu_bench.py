@@ -15,15 +15,12 @@ Examples::
 
     # the final comparison (unpatched tree = installed toto-ts, patched copy in DIR)
     python benchmarks/gpu_bench.py --patched-parent DIR
-    # design exploration with monkeypatched cache classes (benchmarks/cache_designs.py)
-    python benchmarks/gpu_bench.py --rows eager,unpatched:default,unpatched:reduce-overhead,\
-design=static+causal:reduce-overhead
+    # design exploration with monkeypatched cache classes: benchmarks/exploration/explore_designs.py
     # CPU smoke test of the harness itself
     python benchmarks/gpu_bench.py --tiny --device cpu --backend eager
 
 A row spec is ``VARIANT:MODE[@SCENARIO+SCENARIO]`` (the suffix limits the row's scenarios).  VARIANT is ``unpatched`` (the toto under --toto-parent),
-``patched`` (the toto under --patched-parent) or ``design=NAME[+EXTRA...]`` (unpatched toto
-with a prototype from cache_designs.py swapped in).  MODE is ``eager`` or a torch.compile
+``patched`` (the toto under --patched-parent).  MODE is ``eager`` or a torch.compile
 mode.  The bare word ``eager`` means ``unpatched:eager``, the reference for speed-ups and diffs.
 """
 from __future__ import annotations
@@ -40,39 +37,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
-# Toto-Open-Base-1.0 shape (config.json of Datadog/Toto-Open-Base-1.0), dropout 0, SDPA path
-BASE_CONFIG = dict(
-    patch_size=64,
-    stride=64,
-    embed_dim=768,
-    num_layers=12,
-    num_heads=12,
-    mlp_hidden_dim=3072,
-    dropout=0.0,
-    spacewise_every_n_layers=12,
-    scaler_cls="<class 'model.scaler.CausalPatchStdMeanScaler'>",
-    output_distribution_classes=["<class 'model.distribution.MixtureOfStudentTsOutput'>"],
-    output_distribution_kwargs={"k_components": 24},
-    spacewise_first=True,
-    use_memory_efficient_attention=False,
-    stabilize_with_global=True,
-    scale_factor_exponent=10.0,
-)
-TINY_CONFIG = dict(
-    BASE_CONFIG,
-    patch_size=16,
-    stride=16,
-    embed_dim=64,
-    num_layers=4,
-    num_heads=4,
-    mlp_hidden_dim=128,
-    spacewise_every_n_layers=4,
-    output_distribution_kwargs={"k_components": 4},
-)
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from totopatch.model_shape import toto_kwargs  # noqa: E402  (the checkout, importable without installing)
+
+# the model shapes are defined once, in totopatch/model_shape.py (shared with totopatch/smoke.py)
+BASE_CONFIG = toto_kwargs("base")
+TINY_CONFIG = toto_kwargs("tiny")
 SCENARIOS = {
     # 1 series of 8 variates, context 512, 384 ahead = prefill + 5 decode steps
     "decode": dict(variates=8, context=512, prediction=384, num_samples=None, samples_per_batch=1),
@@ -168,7 +145,9 @@ def _diff(torch, out, ref):
     }
 
 
-def worker(spec: dict) -> dict:
+def worker(spec: dict, install: Any = None) -> dict:
+    """Run one (variant, mode) in this process; ``install(spec)`` may swap code into toto first and
+    return ``{"note": str, "stats": callable}`` (used by benchmarks/exploration/)."""
     t_start = time.perf_counter()
     toto_parent = spec["toto_parent"]
     if toto_parent:
@@ -182,11 +161,9 @@ def worker(spec: dict) -> dict:
         want = str(Path(toto_parent).resolve())
         if not toto_file.startswith(want + os.sep):
             raise SystemExit(f"imported toto from {toto_file}, not from {want}")
-    sys.path.insert(0, str(HERE))
-    import cache_designs
-
-    design, extras = spec.get("design", "none"), tuple(spec.get("extras", ()))
-    patch_note = cache_designs.install(design, extras)
+    hooks = install(spec) if install is not None else {}
+    patch_note = hooks.get("note", "none")
+    pool_stats = hooks.get("stats", dict)
     from toto.data.util import dataset as toto_data
     from toto.inference.forecaster import TotoForecaster
     from toto.model.toto import Toto
@@ -314,7 +291,7 @@ def worker(spec: dict) -> dict:
                 cudagraph_records=records["n"],
                 cudagraph_records_after_warmup=records["n"] - records_before,
                 recompile_reasons=[m[:400] for m in logc.recompiles[:12]],
-                pool=dict(cache_designs.POOL_STATS),
+                pool=pool_stats(),
             )
             if cuda:
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -365,11 +342,8 @@ def parse_row(text: str) -> dict:
     variant, _, mode = text.rpartition(":")
     if not variant:
         raise SystemExit(f"row {text!r}: want VARIANT:MODE")
-    spec = {"variant": variant, "mode": mode, "design": "none", "extras": [], "only": scens.split("+") if scens else []}
-    if variant.startswith("design="):
-        parts = variant[len("design="):].split("+")
-        spec["design"], spec["extras"] = parts[0], parts[1:]
-    elif variant not in ("unpatched", "patched"):
+    spec = {"variant": variant, "mode": mode, "only": scens.split("+") if scens else []}
+    if variant not in ("unpatched", "patched"):
         raise SystemExit(f"row {text!r}: unknown variant {variant!r}")
     return spec
 
@@ -382,7 +356,7 @@ def default_rows(args) -> list[str]:
     return rows
 
 
-def run_worker(spec: dict, args, log_dir: Path) -> dict:
+def run_worker(spec: dict, args, log_dir: Path, script: Path | None = None) -> dict:
     tag = f"{spec['variant']}_{spec['mode']}".replace("=", "-").replace("+", "-").replace(":", "-")
     cache_root = Path(tempfile.mkdtemp(prefix=f"tb_{tag}_"))
     env = dict(os.environ)
@@ -394,7 +368,7 @@ def run_worker(spec: dict, args, log_dir: Path) -> dict:
     spec_path = cache_root / "spec.json"
     res_path = cache_root / "result.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), "--result", str(res_path)]
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", str(spec_path), "--result", str(res_path)]
     t0 = time.perf_counter()
     log_path = log_dir / f"{tag}.log"
     with open(log_path, "w") as log:
@@ -509,7 +483,8 @@ def write_reports(meta: dict, rows: list[dict], out_dir: Path, stem: str) -> Non
     fig.savefig(out_dir / f"{stem}.png", dpi=110)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None = None) -> int:
+    """The benchmark; ``parse``, ``install`` and ``script`` let benchmarks/exploration/ add row kinds."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toto-parent", default="", help="dir containing the unpatched `toto` package (default: installed)")
     ap.add_argument("--patched-parent", default="", help="dir containing the patched `toto` package")
@@ -531,7 +506,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
-        res = worker(spec)
+        res = worker(spec, install)
         Path(args.result).write_text(json.dumps(res, default=str))
         return 0
 
@@ -540,9 +515,9 @@ def main(argv=None) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows_spec = [parse_row(t) for t in (args.rows.split(",") if args.rows else default_rows(args))]
+    rows_spec = [parse(t) for t in (args.rows.split(",") if args.rows else default_rows(args))]
     if not any(s["variant"] == "unpatched" and s["mode"] == "eager" for s in rows_spec):
-        rows_spec.insert(0, parse_row("eager"))
+        rows_spec.insert(0, parse("eager"))
     # the eager unpatched row runs first: it writes the reference outputs
     rows_spec.sort(key=lambda s: not (s["variant"] == "unpatched" and s["mode"] == "eager"))
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -571,7 +546,7 @@ def main(argv=None) -> int:
             save_ref=(i == 0),
         )
         print(f"[{time.strftime('%H:%M:%S')}] {spec['variant']}:{spec['mode']} ...", flush=True)
-        res = run_worker(spec, args, log_dir)
+        res = run_worker(spec, args, log_dir, script)
         for r in res["rows"]:
             r["toto_file"] = res.get("toto_file")
             r["worker_wall_s"] = res["wall_s"]

@@ -44,16 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(patch_size=4, embed_dim=32, num_layers=4, num_heads=4, mlp_hidden_dim=64,
-                 spacewise_every_n_layers=2, k_components=2, variates=3, context_length=32),
-    "base": dict(patch_size=64, embed_dim=768, num_layers=12, num_heads=12, mlp_hidden_dim=3072,
-                 spacewise_every_n_layers=12, k_components=24, variates=8, context_length=512),
-}
+from .model_shape import SHAPES, toto_kwargs
+
 WARMUP_PATCHES, MEASURED_PATCHES = 3, 6
 PROGRESS_PREFIX = "smoke phase: "
-SCALER = "<class 'model.scaler.CausalPatchStdMeanScaler'>"
-DISTRIBUTION = "<class 'model.distribution.MixtureOfStudentTsOutput'>"
 
 
 @dataclass(frozen=True)
@@ -130,13 +124,8 @@ def build_model(shape: str = "tiny", seed: int = 0) -> Any:
     import torch
     from toto.model.toto import Toto
 
-    s = SHAPES[shape]
     torch.manual_seed(seed)
-    model = Toto(patch_size=s["patch_size"], stride=s["patch_size"], embed_dim=s["embed_dim"],
-                 num_layers=s["num_layers"], num_heads=s["num_heads"], mlp_hidden_dim=s["mlp_hidden_dim"],
-                 dropout=0.0, spacewise_every_n_layers=s["spacewise_every_n_layers"], scaler_cls=SCALER,
-                 output_distribution_classes=[DISTRIBUTION], output_distribution_kwargs={"k_components": s["k_components"]},
-                 spacewise_first=True, use_memory_efficient_attention=False)
+    model = Toto(**toto_kwargs(shape))
     return model.eval()
 
 

@@ -1,6 +1,6 @@
 """Candidate compile-friendly KV cache designs for Toto, installed by monkeypatching.
 
-These are prototypes for the design exploration in ``gpu_bench.py`` (``--cache-impl``);
+These are prototypes for the design exploration (``explore_designs.py`` beside this file);
 the shipped patch is the LibCST rewrite in ``totopatch/patches/kv_cache.py``.  Nothing here copies
 Toto's source: each design subclasses the installed ``toto.model.util.KVCache`` and
 overrides only what it must.

@@ -1,0 +1,69 @@
+"""benchmarks/backtest_bench.py end to end on the tiny model, so the GPU benchmark cannot rot unnoticed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "backtest_bench.py"
+ROW_KEYS = ("variant", "mode", "cache", "cold_total_s", "first_call_s", "warm_median_ms", "recompiles",
+            "cudagraph_skips", "graph_breaks", "peak_mem_gb", "quantile_max_rel_diff", "scenario", "options", "error")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+@pytest.mark.slow
+def test_tiny_replay_writes_every_key_with_sane_values(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--backend", "eager", "--threads", "1",
+           "--scenarios", "single", "--lengths", "40", "--horizons", "2,1", "--num-samples", "16",
+           "--samples-per-batch", "8", "--rows", "unpatched:eager,patched:default+dynamic=mark",
+           "--out", str(tmp_path), "--stem", "bt"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    doc = json.loads((tmp_path / "bt.json").read_text())
+    assert doc["device"].startswith("CPU") and doc["torch"]
+    assert [(r["variant"], r["mode"], r["cache"]) for r in doc["rows"]] == [
+        ("unpatched", "eager", "fresh"), ("patched", "default", "fresh")]
+    for row in doc["rows"]:
+        assert set(ROW_KEYS) <= set(row), set(ROW_KEYS) - set(row)
+        assert row["error"] is None, row["error"]
+        assert 0 < row["first_call_s"] <= row["cold_total_s"]
+        assert row["warm_median_ms"] > 0 and row["forecasts_per_replay"] == 2
+        assert row["recompiles"] == 0 and row["cudagraph_skips"] == 0 and row["graph_breaks"] == 0
+        assert row["peak_mem_gb"] is None
+        assert row["quantile_max_rel_diff"] is not None and row["quantile_max_rel_diff"] < 1e-5
+    eager, patched = doc["rows"]
+    assert eager["quantile_max_rel_diff"] == 0.0 and eager["warm_speedup_vs_eager"] == 1.0
+    assert patched["kv_cache_class"] == "KVCacheCompileFriendly"
+    assert patched["options"]["dynamic"] == "mark" and patched["options"]["backend"] == "eager"
+    assert "kv-cache" in doc["meta"]["patches"]
+    table = (tmp_path / "bt.md").read_text()
+    assert "| patched / default (dynamic=mark) | fresh |" in table
+    assert "patched / default" in proc.stdout  # a progress line per finished row
+
+
+def test_a_failing_row_is_recorded_with_its_error(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import backtest_bench as bb
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    empty = tmp_path / "no_toto_here"
+    empty.mkdir()
+    spec = {"variant": "patched", "mode": "eager", "cache": "fresh", "options": {"dynamic": None, "regional": False},
+            "scenario": "single", "tag": "x", "work": str(tmp_path), "cache_root": str(tmp_path / "cache"),
+            "toto_parent": str(empty)}
+    res = bb.run_worker(spec, tmp_path / "x.log", timeout=120)
+    row = res["row"]
+    assert set(bb.ROW_KEYS) <= set(row)
+    assert row["cold_total_s"] is None and "ImportError" in row["error"], row["error"]
