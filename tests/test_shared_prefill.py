@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -204,3 +205,22 @@ def test_a_fully_patched_tree_gives_the_same_samples_without_totopatch(tmp_path,
     after = torch.load(tmp_path / "after.pt", weights_only=False)
     assert after.pop("forecaster") == "TotoForecasterSharedPrefill"
     assert_same_samples(upstream_samples, after)
+
+
+def recompiles(parent: Path, prediction: int = 1) -> dict:
+    run = subprocess.run([sys.executable, str(FIXTURES / "context_recompiles.py"), "--toto-parent", str(parent),
+                          "--prediction", str(prediction)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_new_context_length_is_not_a_recompile(tmp_path, cli) -> None:
+    """The users' backtest: one-step forecasts, a new context length each; compiled, then no recompile."""
+    root = tmp_path / "checkout"
+    shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    assert cli(root, "apply").exit_code == 0
+    before, after = recompiles(installed_toto_package().parent), recompiles(root)
+    assert (before["forecaster"], after["forecaster"]) == ("TotoForecaster", "TotoForecasterSharedPrefill")
+    assert before["recompiles"] >= 1  # what the patch removes: upstream recompiles on the second length
+    assert after["recompiles"] == 0 and after["limit_hits"] == 0
