@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import functools
 import io
 import tokenize
 from dataclasses import dataclass
@@ -44,13 +45,23 @@ def decode(data: bytes) -> Source:
     return source
 
 
-def syntax_error(text: str, filename: str = "<source>") -> tuple[int | None, str] | None:
+@functools.lru_cache(maxsize=8)
+def parse_ast(text: str) -> ast.Module:
+    """Python's own parse of ``text``, kept for the few texts a run checks and rewrites (never mutate it).
+
+    A patched file is parsed to check it, then again by the patch's own stability pass; on a 4,300-line
+    script each parse costs about 0.1 s.
+    """
+    return compile(text, "<source>", "exec", dont_inherit=True, flags=ast.PyCF_ONLY_AST)
+
+
+def syntax_error(text: str) -> tuple[int | None, str] | None:
     """Python's own (line, message) for the first syntax error in ``text``; None when it parses.
 
     A null byte raises ValueError, which has neither a line nor ``msg``.
     """
     try:
-        compile(text, filename, "exec", dont_inherit=True, flags=ast.PyCF_ONLY_AST)
+        parse_ast(text)
     except SyntaxError as exc:
         return exc.lineno, str(exc.msg)
     except ValueError as exc:
@@ -60,7 +71,7 @@ def syntax_error(text: str, filename: str = "<source>") -> tuple[int | None, str
 
 def check_syntax(text: str, filename: str) -> None:
     """Raise SourceError if ``text`` is not valid Python."""
-    error = syntax_error(text, filename)
+    error = syntax_error(text)
     if error is not None:
         line, message = error
         where = f" at line {line}" if line else ""

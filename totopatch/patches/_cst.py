@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -9,7 +10,7 @@ from typing import Callable, Iterable
 import libcst as cst
 
 from totopatch.spec import Refusal
-from totopatch.textio import syntax_error
+from totopatch.textio import parse_ast, syntax_error
 
 Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
@@ -53,10 +54,11 @@ def parse_segments(source: str, wanted: Callable[[str], bool]) -> tuple[list[str
     parser finds the statements' line ranges in a tenth of that.  Each segment is whole
     lines of whole statements, so it round-trips through LibCST byte for byte.
     """
-    error = syntax_error(source)
-    if error is not None:
-        raise Refusal(f"not valid Python: {error[1]}", (error[0] or 1,))
-    tree = ast.parse(source)
+    try:
+        tree = parse_ast(source)
+    except (SyntaxError, ValueError):
+        line, message = syntax_error(source) or (None, "does not parse")
+        raise Refusal(f"not valid Python: {message}", (line or 1,)) from None
     lines = split_lines(source)
     segments = []
     for start, end in _statement_ranges(tree):
@@ -110,3 +112,12 @@ def uses_name(node: cst.CSTNode, wanted: Callable[[str], bool]) -> bool:
     finder = _NameFinder(wanted)
     node.visit(finder)
     return finder.found
+
+
+@functools.cache
+def template_block(template: str) -> tuple[cst.BaseStatement, ...]:
+    """A marked block's statements from its template text, two blank lines before the first (parsed once)."""
+    parsed = cst.parse_module(template)
+    first, *rest = parsed.body
+    lead = [cst.EmptyLine(), cst.EmptyLine(), *parsed.header, *first.leading_lines]
+    return (first.with_changes(leading_lines=lead), *rest)

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import Lines, lines_of, marked_span, parse, uses_name
+from totopatch.patches._cst import Lines, lines_of, marked_span, parse, template_block, uses_name
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 from totopatch.textio import syntax_error
 
@@ -133,12 +133,9 @@ def _template() -> str:
     return resources.files("totopatch.patches").joinpath("kv_cache_template.py.txt").read_text(encoding="utf-8")
 
 
-def _block(base: str) -> list[cst.BaseStatement]:
-    """The template's statements for a cache class named ``base``, two blank lines before the first."""
-    parsed = cst.parse_module(_template().replace(_BASE, base))
-    first, *rest = parsed.body
-    lead = [cst.EmptyLine(), cst.EmptyLine(), *parsed.header, *first.leading_lines]
-    return [first.with_changes(leading_lines=lead), *rest]
+def _block(base: str) -> tuple[cst.BaseStatement, ...]:
+    """The template's statements for a cache class named ``base``."""
+    return template_block(_template().replace(_BASE, base))
 
 
 def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatement], lines: Lines,
@@ -227,7 +224,7 @@ def adopt_legacy(source: str) -> str:
     cleaned = text[:start] + text[end:]
     if _legacy_lines(cleaned):
         raise Refusal("more legacy lines than the old script wrote", _legacy_lines(cleaned))
-    error = syntax_error(cleaned, "<pre-legacy>")
+    error = syntax_error(cleaned)
     if error is not None:
         line, message = error
         raise Refusal(f"removing the legacy lines leaves invalid Python ({message})", (line,) if line else ()) from None

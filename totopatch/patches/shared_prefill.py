@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import Lines, lines_of, marked_span, parse, uses_name
+from totopatch.patches._cst import Lines, lines_of, marked_span, parse, template_block, uses_name
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 NEW_CLASS = "TotoForecasterSharedPrefill"
@@ -104,9 +104,16 @@ def _imported_names(body: list[cst.BaseStatement]) -> set[str]:
     return names
 
 
-def _check_names(body: list[cst.BaseStatement], lines: Lines, skip: range) -> None:
+def _mentions(text: str) -> int:
+    return text.count(NEW_CLASS) + text.count("_totopatch_")
+
+
+def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatement], lines: Lines,
+                 skip: range) -> None:
     if missing := [n for n in _NEEDED_IMPORTS if n not in _imported_names(body)]:
         raise Refusal(f"the module does not import {', '.join(missing)} at top level, which the shared prefill needs")
+    if _mentions(source) == sum(map(_mentions, block_code)):
+        return  # not even in the text outside the block: spares a walk of the whole module
     clash = [i for i, s in enumerate(body) if i not in skip and uses_name(s, _is_ours)]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} or a _totopatch_ name outside a "
@@ -118,12 +125,9 @@ def _template() -> str:
     return resources.files("totopatch.patches").joinpath("shared_prefill_template.py.txt").read_text(encoding="utf-8")
 
 
-def _block(base: str) -> list[cst.BaseStatement]:
-    """The template's statements for a forecaster class named ``base``, two blank lines before the first."""
-    parsed = cst.parse_module(_template().replace(_BASE, base))
-    first, *rest = parsed.body
-    lead = [cst.EmptyLine(), cst.EmptyLine(), *parsed.header, *first.leading_lines]
-    return [first.with_changes(leading_lines=lead), *rest]
+def _block(base: str) -> tuple[cst.BaseStatement, ...]:
+    """The template's statements for a forecaster class named ``base``."""
+    return template_block(_template().replace(_BASE, base))
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
@@ -135,12 +139,13 @@ def rewrite(source: str, options: Options) -> Rewrite:
 
     span = marked_span(body, lines, BEGIN, END, "shared-prefill")
     index = _find_forecaster(body, lines, span)
-    _check_names(body, lines, span)
+    current = [module.code_for_node(s) for s in body[span.start:span.stop]]
+    _check_names(source, current, body, lines, span)
     if span and span.start != index + 1:
         raise Refusal(f"the shared-prefill block is not right after class {body[index].name.value}",  # type: ignore
                       lines((index, span.start)))
     block = _block(body[index].name.value)  # type: ignore[attr-defined]
-    if [module.code_for_node(s) for s in body[span.start:span.stop]] == [module.code_for_node(s) for s in block]:
+    if len(current) == len(block) and current == [module.code_for_node(s) for s in block]:
         return Rewrite(source)
     notes = ("replaced a shared-prefill block written by another totopatch version",) if span else ()
     body[index + 1:index + 1 + len(span)] = block
