@@ -262,6 +262,9 @@ def test_a_fifo_as_the_backtest_script_does_not_hang(project: Path) -> None:
     for command in ("status", "apply"):
         ran = totopatch("--root", str(project), command, CM, timeout=60)
         assert ran.returncode == 3 and "FIFO" in (ran.stderr + ran.stdout)
+    ran = totopatch("--root", str(project), "doctor", "--json", timeout=60)
+    states = {p["patch"]: p["state"] for p in json.loads(ran.stdout)["patches"]}
+    assert states["compile-mode"] == "unreadable"
 
 
 # ---------------------------------------------------------------- misleading output

@@ -20,6 +20,8 @@ from typing import Mapping
 
 from . import advice, environment, manifest as mf
 from .fsio import sha256
+from .outcome import Abort
+from .reading import read
 from .layout import Layout, LayoutError, installed_toto, locate, state_dir_for, toto_version, user_state_dir
 from .patches import PATCHES
 from .spec import PatchRef
@@ -175,8 +177,10 @@ def _patch(layout: Layout, manifest: mf.Manifest, ref: PatchRef) -> PatchState:
 def _target(layout: Layout, manifest: mf.Manifest, ref: PatchRef, key: str) -> TargetState:
     target = layout.target(key)
     try:
-        data = target.path.read_bytes()
-    except OSError:
+        data = read(target.path)  # regular files only: a FIFO or /dev/zero must not hang or fill memory
+    except Abort:
+        return TargetState(key, target.rel, "unreadable")
+    if data is None:
         return TargetState(key, target.rel, "not-present" if target.optional else "missing")
     entry = manifest.find(ref.id, target.base, target.rel)
     current = sha256(data)
@@ -219,6 +223,7 @@ STATE_WORDS = {
     "changed-since-apply": "edited since apply (`totopatch status` says whether it still holds)",
     "missing": "required file missing",
     "not-present": "optional target absent",
+    "unreadable": "not a readable Python file (`totopatch status` says why)",
 }
 
 
@@ -235,7 +240,7 @@ def as_text(doctor: Doctor) -> str:
     cache = doctor.compile_cache
     origin = "TORCHINDUCTOR_CACHE_DIR" if cache.variable else "TORCHINDUCTOR_CACHE_DIR unset; torch's default"
     out.append(f"cache       {cache.path} ({origin}; {'exists' if cache.exists else 'does not exist yet'})")
-    out.append("advice      (break-even measured with an empty compile cache; a warm one shortens the first call)")
+    out.append("advice      (break-even: forecasts per process from which compiling is faster overall)")
     out += [f"  {line}" for line in doctor.advice]
     out += [f"problem: {p}" for p in doctor.problems]
     return "\n".join(out)
