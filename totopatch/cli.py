@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import click
 
-from . import __version__, engine, environment, manifest as mf
+from . import __version__, engine, environment, state
 from .engine import Code, Context, Report
 from .state import open_context
 from .patches import COMPILE_MODES, PATCHES
@@ -58,7 +58,7 @@ def _color() -> bool:
 def _with_environment(context: Context, report: Report) -> Report:
     """Notes on what the current environment overrides; they never change the exit code."""
     if report.error is None:
-        options = {e.patch: e.options for e in mf.load(context.manifest_path).entries}
+        options = {e.patch: e.options for e in state.load(context).manifest.entries}  # as status saw it
         live = {i.patch: options.get(i.patch, {}) for i in report.items if i.state in environment.IN_EFFECT_STATES}
         found = environment.read(os.environ, PATCHES, live)
         report.environment = found.as_dict()
