@@ -186,9 +186,9 @@ def _target(layout: Layout, manifest: mf.Manifest, ref: PatchRef, key: str) -> T
     current = sha256(data)
     if entry is None:
         state = "not-recorded"
-    elif current == entry.after_sha256:
+    elif current in (entry.after_sha256, manifest.top_sha256(entry)):  # or with later patches stacked on it
         state = "applied"
-    elif current == entry.before_sha256:
+    elif current == manifest.original_sha256(entry):
         state = "replaced"
     else:
         state = "changed-since-apply"

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from .fsio import atomic_write
 
@@ -68,6 +68,36 @@ class Manifest:
 
     def without(self, entry: Entry) -> "Manifest":
         return replace(self, entries=tuple(e for e in self.entries if e.key != entry.key))
+
+    def above(self, entry: Entry) -> tuple[Entry, ...]:
+        """The entries of patches applied on top of ``entry``'s in the same file, lowest first.
+
+        Two patches stack like quilt's: the later one's ``before`` is the earlier one's ``after``.
+        """
+        return self._chain(entry, lambda e, at: e.before_sha256 == at.after_sha256)
+
+    def below(self, entry: Entry) -> tuple[Entry, ...]:
+        """The entries ``entry``'s patch was applied on top of in the same file, nearest first."""
+        return self._chain(entry, lambda e, at: e.after_sha256 == at.before_sha256)
+
+    def top_sha256(self, entry: Entry) -> str:
+        """The file's hash with ``entry``'s patch and every patch stacked on it applied."""
+        above = self.above(entry)
+        return (above[-1] if above else entry).after_sha256
+
+    def original_sha256(self, entry: Entry) -> str:
+        """The file's hash before any of the patches stacked with ``entry``'s."""
+        below = self.below(entry)
+        return (below[-1] if below else entry).before_sha256
+
+    def _chain(self, entry: Entry, links: Callable[[Entry, Entry], bool]) -> tuple[Entry, ...]:
+        chain: list[Entry] = []
+        at = entry
+        while nxt := next((e for e in self.entries if (e.base, e.file) == (entry.base, entry.file)
+                           and e is not entry and e not in chain and links(e, at)), None):
+            chain.append(nxt)
+            at = nxt
+        return tuple(chain)
 
 
 def load(path: Path) -> Manifest:

@@ -27,8 +27,14 @@ def select(manifest: mf.Manifest, ids: set[str], include_unknown: bool) -> list[
 def plan(ctx: Context, report: Report, manifest: mf.Manifest, entries: list[mf.Entry], force: bool) -> list[Change]:
     pending: dict[Path, bytes | None] = {}
     changes: list[Change] = []
-    for entry in entries:
-        item, change = _plan_one(ctx, entry, pending, force)
+    for entry in sorted(entries, key=lambda e: -len(manifest.below(e))):  # stacked patches: the top one first
+        if kept := [e.patch for e in manifest.above(entry) if e not in entries]:
+            path = ctx.layout.resolve(entry.base, entry.file)
+            report.items.append(replace(_item(ctx, entry, path), state=State.REFUSED, detail=(
+                f"{', '.join(kept)} is applied on top of it in this file; revert {' and '.join(kept)} first, "
+                "or both together")))
+            continue
+        item, change = _plan_one(ctx, manifest, entry, pending, force)
         report.items.append(item)
         if change is not None:
             changes.append(change)
@@ -68,7 +74,7 @@ def _forget(ctx: Context, entry: mf.Entry, path: Path, data: bytes | None, why: 
         Change(path, data, None, journal, first, remove)
 
 
-def _plan_one(ctx: Context, entry: mf.Entry, pending: dict[Path, bytes | None],
+def _plan_one(ctx: Context, manifest: mf.Manifest, entry: mf.Entry, pending: dict[Path, bytes | None],
               force: bool) -> tuple[Item, Change | None]:
     path = ctx.layout.resolve(entry.base, entry.file)
     item = _item(ctx, entry, path)
@@ -76,7 +82,8 @@ def _plan_one(ctx: Context, entry: mf.Entry, pending: dict[Path, bytes | None],
     if data is None:
         return _forget(ctx, entry, path, None, "the file is gone")
     current = sha256(data)
-    if current != entry.after_sha256 and (why := replaced(ctx, entry, current)) and current != entry.before_sha256:
+    if current != entry.after_sha256 and (why := replaced(ctx, entry, current, manifest)) \
+            and current != entry.before_sha256:
         return _forget(ctx, entry, path, data, why)  # never one version's bytes into another
     remove = mf.JournalItem("remove", entry, entry.before_sha256)
     if current == entry.before_sha256:  # needs no backup: it may have gone with a reinstall

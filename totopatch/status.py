@@ -55,7 +55,10 @@ def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target,
     current = sha256(data)
     if entry is not None and current == entry.after_sha256:
         return Finding(State.APPLIED, options_text(entry.options), data, entry)
-    if entry is not None and (why := replaced(ctx, entry, current)):
+    if entry is not None and current == manifest.top_sha256(entry):  # with later patches stacked on it
+        under = "under " + ", ".join(e.patch for e in manifest.above(entry))
+        return Finding(State.APPLIED, ", ".join(filter(None, (options_text(entry.options), under))), data, entry)
+    if entry is not None and (why := replaced(ctx, entry, current, manifest)):
         return Finding(State.REPLACED, why, data, entry)
     source, _ = text(target.path, data)
     try:
@@ -77,12 +80,12 @@ def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target,
     return Finding(State.NOT_APPLIED, "; ".join(rewritten.notes), data, None, rewritten)
 
 
-def replaced(ctx: Context, entry: mf.Entry, current: str) -> str:
+def replaced(ctx: Context, entry: mf.Entry, current: str, manifest: mf.Manifest | None = None) -> str:
     """Why a recorded file is no longer the file that was patched, or '' where it still is."""
     now = toto_version(ctx.layout.toto_parent) if entry.base == "toto" else None
     if entry.base == "toto" and entry.toto_version and now and now != entry.toto_version:
         return f"target replaced: patched toto-ts {entry.toto_version}, now {now}"
-    if current == entry.before_sha256:
+    if current == (manifest.original_sha256(entry) if manifest is not None else entry.before_sha256):
         return "target replaced: the file is the unpatched original again (reinstalled?)"
     return ""
 
