@@ -91,7 +91,7 @@ def test_doctor_json_has_the_same_content(project, cli, monkeypatch) -> None:
     assert {"python", "torch", "toto", "patches", "environment", "compile_cache", "advice", "problems"} <= set(data)
     states = {p["patch"]: p["state"] for p in data["patches"]}
     assert states == {"kv-cache": "not-recorded", "sdpa-causal": "not-recorded", "spacewise-mask": "not-recorded",
-                      "shared-prefill": "not-recorded", "compile-mode": "applied"}
+                      "layer-region": "not-recorded", "shared-prefill": "not-recorded", "compile-mode": "applied"}
     assert data["environment"]["notes"] == ["TOTO_COMPILE_MODE=max-autotune overrides the patched default reduce-overhead"]
     assert data["toto"]["tree_is_patched"] is False and data["exit_code"] == 0
 

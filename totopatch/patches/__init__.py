@@ -14,6 +14,8 @@ PATCHES: tuple[PatchRef, ...] = (
     PatchRef("kv-cache", "kv_cache", ("util", "util_optimized")),
     PatchRef("sdpa-causal", "sdpa_causal", ("attention",), compiled_only=True),
     PatchRef("spacewise-mask", "spacewise_mask", ("transformer",), compiled_only=True),
+    # After spacewise-mask, whose edit it stacks on in the same file.
+    PatchRef("layer-region", "layer_region", ("transformer",), compiled_only=True),
     PatchRef("shared-prefill", "shared_prefill", ("forecaster",)),
     PatchRef("compile-mode", "compile_mode", ("backtest",), compiled_only=True, env_option="compile_mode",
              options={"compile_mode": "reduce-overhead"}),

@@ -1,0 +1,139 @@
+"""Compile Toto's transformer layer once and stamp it out for every layer: a marked block in transformer.py.
+
+torch.compile of the whole model traces and lowers all twelve layers one after the other, although
+they differ only in their weights.  The block of ``layer_region_template.py.txt`` beside this module
+subclasses the layer class and, when no KV cache is passed, runs its forward as a
+``torch.compiler.nested_compile_region`` (torch 2.8 and later; a plain call elsewhere and in eager),
+which torch.compile compiles the first time and reuses for each later layer of the same kind.  The
+layer index is only read together with a KV cache, so the region leaves it out.  The original name
+is then rebound to the subclass, so ``Transformer`` builds its layers from it.
+
+Toto calls its layers without a cache where nothing is decoded after the prefill (the
+shared-prefill patch's single-step forecasts, ``use_kv_cache=False``); with a cache the layers
+run exactly as upstream.
+
+The layer class is found by structure (a ``forward(self, layer_idx, inputs, attention_mask,
+kv_cache)``), with Python's own parser; the block is spliced in as whole lines, in the file's
+line endings, so nothing else in the file changes.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+from importlib import resources
+
+from totopatch.patches._cst import split_lines
+from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.textio import parse_ast, syntax_error
+
+NEW_CLASS = "TransformerLayerCompiledOnce"
+BEGIN, END = "# totopatch layer-region: begin", "# totopatch layer-region: end"
+_BASE = "__LAYER_BASE__"
+FORWARD = ("self", "layer_idx", "inputs", "attention_mask", "kv_cache")
+
+
+def _params(function: ast.FunctionDef) -> tuple[str, ...] | None:
+    """The plain positional parameter names, or None where there is ``*``, ``**`` or keyword-only."""
+    args = function.args
+    if args.vararg or args.kwarg or args.kwonlyargs:
+        return None
+    return tuple(a.arg for a in args.posonlyargs + args.args)
+
+
+def _is_layer(node: ast.stmt) -> bool:
+    return isinstance(node, ast.ClassDef) and any(
+        isinstance(s, ast.FunctionDef) and s.name == "forward" and _params(s) == FORWARD for s in node.body)
+
+
+def _tree(source: str) -> ast.Module:
+    try:
+        return parse_ast(source)
+    except (SyntaxError, ValueError):
+        line, message = syntax_error(source) or (None, "does not parse")
+        raise Refusal(f"not valid Python: {message}", (line or 1,)) from None
+
+
+def _marked(lines: list[str], tree: ast.Module) -> tuple[int, int] | None:
+    """0-based first and last line of the block, from its markers; None where there is none."""
+    tops = {node.lineno - 1 for node in tree.body} | {(node.end_lineno or node.lineno) - 1 for node in tree.body}
+    begins = [i for i, line in enumerate(lines) if line.startswith(BEGIN)]
+    ends = [i for i, line in enumerate(lines) if END in line and i in tops]
+    if not begins and not ends:
+        return None
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise Refusal("damaged layer-region block: its begin/end markers do not pair up",
+                      tuple(i + 1 for i in begins + ends))
+    return begins[0], ends[0]
+
+
+def _find_layer(tree: ast.Module, block: tuple[int, int] | None) -> ast.ClassDef:
+    inside = range(block[0], block[1] + 1) if block else range(0)
+    found = [n for n in tree.body if _is_layer(n) and n.lineno - 1 not in inside]
+    if not found:
+        raise Refusal(f"no transformer layer class: expected a class with forward({', '.join(FORWARD)})")
+    if len(found) > 1:
+        names = ", ".join(n.name for n in found)  # type: ignore[attr-defined]
+        raise Refusal(f"ambiguous: {len(found)} transformer layer classes ({names})", tuple(n.lineno for n in found))
+    return found[0]  # type: ignore[return-value]
+
+
+def _imports_torch(tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.Import) and any(a.name == "torch" and a.asname is None for a in n.names)
+               for n in tree.body)
+
+
+def _check_names(source: str, lines: list[str], block: tuple[int, int] | None) -> None:
+    outside = source if block is None else "".join(lines[:block[0]] + lines[block[1] + 1:])
+    clash = [i + 1 for i, line in enumerate(split_lines(outside)) if NEW_CLASS in line or "_totopatch_" in line]
+    if clash:
+        raise Refusal(f"the module already uses the name {NEW_CLASS} or a _totopatch_ name outside a "
+                      "layer-region block", tuple(clash))
+
+
+@functools.cache
+def _template() -> str:
+    return resources.files("totopatch.patches").joinpath("layer_region_template.py.txt").read_text(encoding="utf-8")
+
+
+def _block(base: str, newline: str) -> list[str]:
+    """The template's lines for a layer class named ``base``, in the file's line endings."""
+    text = _template().replace(_BASE, base)
+    return [line.replace("\n", newline) for line in split_lines(text)]
+
+
+def _newline(lines: list[str]) -> str:
+    first = lines[0] if lines else "\n"
+    return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
+
+
+def rewrite(source: str, options: Options) -> Rewrite:
+    tree = _tree(source)
+    lines = split_lines(source)
+    block = _marked(lines, tree)
+    layer = _find_layer(tree, block)
+    _check_names(source, lines, block)
+    if not _imports_torch(tree):
+        raise Refusal("the module does not import torch at top level, which the layer region needs")
+    end = layer.end_lineno or layer.lineno  # 1-based last line of the class = 0-based index after it
+    newline = _newline(lines)
+    wanted = _block(layer.name, newline)
+    if block is None:
+        if end == len(lines) and lines and not lines[-1].endswith(("\n", "\r")):
+            lines[-1] += newline
+        lines[end:end] = [newline, newline, *wanted]
+        return Rewrite("".join(lines))
+    after = [n for n in tree.body if n.lineno - 1 < block[0]]
+    if not after or after[-1] is not layer:
+        raise Refusal(f"the layer-region block is not right after class {layer.name}", (layer.lineno, block[0] + 1))
+    if lines[block[0]:block[1] + 1] == wanted:
+        return Rewrite(source)
+    lines[block[0]:block[1] + 1] = wanted
+    return Rewrite("".join(lines), ("replaced a layer-region block written by another totopatch version",))
+
+
+PATCH = Patch(
+    id="layer-region",
+    description="Compile the transformer layer once and reuse it for every layer (transformer.py)",
+    targets=("transformer",),
+    rewrite=rewrite,
+)
