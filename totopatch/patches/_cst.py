@@ -72,8 +72,11 @@ def parse_segments(source: str, wanted: Callable[[str], bool]) -> tuple[list[str
     return lines, segments
 
 
-def parse_statements(source: str, wanted: Callable[[ast.AST], bool]) -> tuple[list[str], list[Segment]]:
+def parse_statements(source: str, hint: str, wanted: Callable[[ast.AST], bool]) -> tuple[list[str], list[Segment]]:
     """Parse with LibCST only the innermost statements holding a node of Python's tree that ``wanted`` accepts.
+
+    Only top-level statements whose text holds ``hint`` are searched (the name a LibCST matcher
+    compares with, which the source must then spell out).
 
     A simple statement alone on its lines is parsed by itself, its first line's indentation cut
     (continuation lines are inside brackets or after a backslash, where indentation does not count);
@@ -85,6 +88,8 @@ def parse_statements(source: str, wanted: Callable[[ast.AST], bool]) -> tuple[li
     lines = split_lines(source)
     found: set[tuple[int, int, int]] = set()
     for start, end, group in _statement_groups(tree):
+        if hint not in "".join(lines[start:end]):
+            continue
         for node in group:
             found.update(_innermost(node, wanted, lines, (start, end, 0)))
     segments = []
@@ -204,3 +209,14 @@ def template_block(template: str) -> tuple[cst.BaseStatement, ...]:
     first, *rest = parsed.body
     lead = [cst.EmptyLine(), cst.EmptyLine(), *parsed.header, *first.leading_lines]
     return (first.with_changes(leading_lines=lead), *rest)
+
+
+def template_code(template: str, module: cst.Module) -> tuple[str, ...]:
+    """The code of ``template_block(template)``'s statements as ``module.code_for_node`` writes them."""
+    return _template_code(template, module.default_indent, module.default_newline)
+
+
+@functools.cache
+def _template_code(template: str, indent: str, newline: str) -> tuple[str, ...]:
+    host = cst.Module(body=(), default_indent=indent, default_newline=newline)
+    return tuple(host.code_for_node(s) for s in template_block(template))

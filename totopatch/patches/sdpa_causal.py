@@ -90,7 +90,7 @@ def _find(module: cst.Module) -> _FindCausalArgs:
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
-    lines, segments = parse_statements(source, _may_call_sdpa)
+    lines, segments = parse_statements(source, SDPA, _may_call_sdpa)
     finders = [_find(segment.module) for segment in segments]
     if other := [arg for finder in finders for arg in finder.other]:
         raise Refusal(f"{SDPA} gets an is_causal expression this patch does not know",

@@ -80,7 +80,7 @@ def _find(module: cst.Module) -> _FindMaskCalls:
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
-    lines, segments = parse_statements(source, _may_rearrange)
+    lines, segments = parse_statements(source, "rearrange", _may_rearrange)
     finders = [_find(segment.module) for segment in segments]
     count = sum(len(finder.upstream) + finder.patched for finder in finders)
     if count != 1:
