@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import libcst as cst
 
 from totopatch.spec import Refusal
-from totopatch.textio import parse_ast, syntax_error
+from totopatch.textio import parse_ast, syntax_error, vouch
 
 Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
@@ -59,10 +59,9 @@ def parse_segments(source: str, wanted: Callable[[str], bool]) -> tuple[list[str
     parser finds the statements' line ranges in a tenth of that.  Each segment is whole
     lines of whole statements, so it round-trips through LibCST byte for byte.
     """
-    tree = _parse_python(source)
     lines = split_lines(source)
     segments = []
-    for start, end, _ in _statement_groups(tree):
+    for start, end in _ranges(source):
         text = "".join(lines[start:end])
         if wanted(text):
             try:
@@ -70,6 +69,68 @@ def parse_segments(source: str, wanted: Callable[[str], bool]) -> tuple[list[str
             except cst.ParserSyntaxError as exc:
                 raise Refusal(f"not valid Python: {exc.message}", (start + exc.raw_line,)) from None
     return lines, segments
+
+
+_DERIVED: dict[str, list[tuple[int, int]]] = {}  # spliced texts' statement ranges (``spliced``), newest last
+
+
+def _ranges(source: str) -> list[tuple[int, int]]:
+    """0-based line ranges of the top-level statements, from Python's parse or derived by ``spliced``."""
+    known = _DERIVED.get(source)
+    return known if known is not None else [(start, end) for start, end, _ in _statement_groups(_parse_python(source))]
+
+
+def spliced(source: str, lines: list[str], changes: list[tuple[Segment, str]]) -> str:
+    """``source`` (split into ``lines``) with the changed segments' lines replaced by their new code.
+
+    Python reads top-level statements independently: where one starts, at column 0, no bracket is
+    open and no block goes on.  So when ``source`` parsed and each new code parses on its own,
+    starts at column 0 and ends its last line (or ends the file), the result parses too, and its
+    statements are the untouched ones shifted plus the new code's.  That is recorded, so checking
+    the result (``textio.syntax_error``) and re-running the patch on it (``parse_segments``) need
+    no parse of the whole file.  Where a change does not meet these conditions nothing is
+    recorded, and the result is parsed in full like any other text.
+    """
+    old = _ranges(source)
+    replaced = {(segment.start, segment.end): code for segment, code in changes}
+    assert replaced.keys() <= set(old) and not any(s.indent for s, _ in changes), "takes parse_segments' segments"
+    out: list[str] = []
+    ranges: list[tuple[int, int]] = []
+    provable = True
+    done = 0
+    for start, end in old:
+        if (start, end) not in replaced:
+            continue
+        code = replaced[(start, end)]
+        out += lines[done:start]
+        shift = len(out) - start
+        ranges += [(a + shift, b + shift) for a, b in old if done <= a and b <= start]
+        new_ranges = _standalone_ranges(code)
+        ended = code.endswith(("\n", "\r")) or end == len(lines)
+        provable = provable and new_ranges is not None and ended
+        ranges += [(len(out) + a, len(out) + b) for a, b in new_ranges or ()]
+        out += split_lines(code)
+        done = end
+    shift = len(out) - done
+    ranges += [(a + shift, b + shift) for a, b in old if done <= a]
+    out += lines[done:]
+    text = "".join(out)
+    if provable and len(split_lines(text)) == len(out):
+        _DERIVED[text] = ranges
+        while len(_DERIVED) > 8:
+            del _DERIVED[next(iter(_DERIVED))]
+        vouch(text)
+    return text
+
+
+def _standalone_ranges(code: str) -> list[tuple[int, int]] | None:
+    """The statement ranges of ``code`` parsed on its own from column 0, or None where it does not parse."""
+    if code[:1].isspace():
+        return None
+    try:
+        return [(start, end) for start, end, _ in _statement_groups(parse_ast(code))]
+    except (SyntaxError, ValueError):
+        return None
 
 
 def parse_statements(source: str, hint: str, wanted: Callable[[ast.AST], bool]) -> tuple[list[str], list[Segment]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import libcst as cst
 
 from totopatch.patches import COMPILE_MODES as MODES, by_id
-from totopatch.patches._cst import Segment, parse_segments
+from totopatch.patches._cst import Segment, parse_segments, spliced
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 DEFAULT_MODE = by_id("compile-mode").options["compile_mode"]  # declared once, in the registry
@@ -209,11 +209,11 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if len(stale) < len(sites):
         numbers = ", ".join(map(str, _lines_of(stale)))
         notes = (f"finished a half-switched loader: only line {numbers} still had the old default",)
-    for segment in sorted({id(s.segment): s.segment for s in stale}.values(), key=lambda g: -g.start):
+    changes = []
+    for segment in {id(s.segment): s.segment for s in stale}.values():
         mine = [s for s in stale if s.segment is segment]
-        code = segment.module.visit(_SetLiterals(mine, mode)).code
-        lines[segment.start:segment.end] = [code]
-    return Rewrite("".join(lines), notes)
+        changes.append((segment, segment.module.visit(_SetLiterals(mine, mode)).code))
+    return Rewrite(spliced(source, lines, changes), notes)
 
 
 PATCH = Patch(

@@ -65,7 +65,12 @@ def fingerprint(function: cst.FunctionDef) -> str:
     body = list(function.body.body)
     if body and _is_docstring(body[0]):
         body = body[1:]
-    code = cst.Module(body=[function.with_changes(body=function.body.with_changes(body=body))]).code
+    return _token_hash(cst.Module(body=[function.with_changes(body=function.body.with_changes(body=body))]).code)
+
+
+@functools.lru_cache(maxsize=4)
+def _token_hash(code: str) -> str:
+    """(Cached: the stability pass after a rewrite fingerprints the same method again.)"""
     skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
     tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type not in skip]
     return hashlib.sha256(" ".join(tokens).encode()).hexdigest()
