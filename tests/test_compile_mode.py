@@ -279,3 +279,32 @@ def test_compile_mode_realistic_large_script_changes_exactly_two_lines() -> None
         (loader + 15, '    compile_mode = (compile_mode_env or "").strip() or "max-autotune"',
          '    compile_mode = (compile_mode_env or "").strip() or "reduce-overhead"'),
     ]
+
+
+@pytest.mark.parametrize("name", ["backend_chain_multiline.py", "early_module_level.py", "early_method.py",
+                                  "all_shapes.py", "realistic"])
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_compile_mode_output_is_proved_without_reparsing_and_the_proof_matches_a_parse(name: str, ending: str) -> None:
+    """The rewrite splices whole top-level statements; what it derives must be what Python finds."""
+    import ast
+
+    from totopatch import textio
+    from totopatch.patches import _cst
+
+    source = (realistic_script(1200) if name == "realistic" else fixture(name)).replace("\n", ending)
+    out = compile_mode.rewrite(source, {"compile_mode": "default"}).source
+    assert out != source and out in _cst._DERIVED and textio.syntax_error(out) is None
+    parsed = [(start, end) for start, end, _ in _cst._statement_groups(ast.parse(out))]
+    assert _cst._DERIVED[out] == parsed
+    assert compile_mode.rewrite(out, {"compile_mode": "default"}).source == out
+
+
+def test_spliced_code_that_does_not_parse_on_its_own_is_left_to_a_full_parse() -> None:
+    from totopatch import textio
+    from totopatch.patches import _cst
+
+    source = "import os\n\nTOTO = 1\nx = 2\n"
+    lines, segments = _cst.parse_segments(source, lambda text: "TOTO" in text)
+    out = _cst.spliced(source, lines, [(segments[0], "TOTO = (\n")])
+    assert out == "import os\n\nTOTO = (\nx = 2\n"
+    assert out not in _cst._DERIVED and textio.syntax_error(out) is not None

@@ -72,3 +72,34 @@ def test_sdpa_causal_on_the_installed_attention_changes_one_line() -> None:
     changed = [(a, b) for a, b in zip(source.splitlines(), out.splitlines()) if a != b]
     assert len(source.splitlines()) == len(out.splitlines())
     assert changed == [(f"                is_causal={SYMBOLIC},", f"                is_causal={PLAIN},")]
+
+
+# Only the statements holding an SDPA call are parsed with LibCST; these shapes check the cut and
+# the splice (indentation kept, a statement not alone on its lines parsed with its whole top level).
+_SHAPES = [
+    pytest.param("class A:\n\tdef f(self):\n\t\treturn scaled_dot_product_attention(q, k, v, is_causal={c})\n",
+                 id="tab-indented"),
+    pytest.param("def f():\n    if ok: return scaled_dot_product_attention(q, k, v, is_causal={c})\n", id="if-suite"),
+    pytest.param("def f():\n    x = 1; y = scaled_dot_product_attention(q, k, v, is_causal={c})\n",
+                 id="semicolon"),
+    pytest.param("def f():\n    y = \\\n  scaled_dot_product_attention(q, k, v, is_causal={c})  # é\n    return y\n",
+                 id="backslash-and-comment"),
+    pytest.param("def f():\n    s = 'é'; return scaled_dot_product_attention(q, is_causal={c})\n", id="non-ascii-before"),
+    pytest.param("@decorate(scaled_dot_product_attention(q, is_causal=False))\ndef f():\n"
+                 "    return scaled_dot_product_attention(q, is_causal={c})\n", id="in-a-decorator-too"),
+    pytest.param("def f():\r\n    return scaled_dot_product_attention(\r\nq, is_causal={c})\r\n", id="crlf"),
+]
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_sdpa_causal_splices_only_its_statement(shape: str) -> None:
+    assert sdpa_causal.rewrite(shape.format(c=SYMBOLIC), {}).source == shape.format(c=PLAIN)
+    assert sdpa_causal.rewrite(shape.format(c=PLAIN), {}).source == shape.format(c=PLAIN)
+
+
+def test_sdpa_causal_refusal_names_the_file_line() -> None:
+    source = "import torch\n\n\nclass A:\n    def f(self):\n        return scaled_dot_product_attention(\n" \
+             "            q,\n            is_causal=flag,\n        )\n"
+    with pytest.raises(Refusal) as exc:
+        sdpa_causal.rewrite(source, {})
+    assert exc.value.lines == (8,)

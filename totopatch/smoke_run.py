@@ -6,9 +6,7 @@ import sys
 from typing import Callable
 
 from .outcome import Report
-from .smoke import PROGRESS_PREFIX
 from .state import Context
-from .streaming import run_streaming
 
 BACKENDS = ("eager", "aot_eager", "inductor")
 
@@ -20,6 +18,8 @@ def attach_smoke(ctx: Context, report: Report, device: str = "auto", backend: st
 
     ``progress`` gets each phase the smoke test reports (building the model, eager forecast, ...).
     """
+    from .smoke import PROGRESS_PREFIX  # imported here: every other command would pay for it at start-up
+    from .streaming import run_streaming
 
     def on_line(line: str) -> None:
         if progress is not None and line.startswith(PROGRESS_PREFIX):

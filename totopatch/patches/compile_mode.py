@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import libcst as cst
 
 from totopatch.patches import COMPILE_MODES as MODES, by_id
-from totopatch.patches._cst import Segment, parse_segments
+from totopatch.patches._cst import Segment, parse_segments, segment_lines, spliced
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 DEFAULT_MODE = by_id("compile-mode").options["compile_mode"]  # declared once, in the registry
@@ -166,13 +166,7 @@ class _SetLiterals(cst.CSTTransformer):
 
 def _lines_of(sites: list[Site]) -> list[int]:
     """1-based file lines of the sites' literals (metadata is costly, so only for refusals and notes)."""
-    from libcst.metadata import MetadataWrapper, PositionProvider
-
-    positions = {}
-    for segment in {id(s.segment): s.segment for s in sites}.values():
-        resolved = MetadataWrapper(segment.module, unsafe_skip_copy=True).resolve(PositionProvider)
-        positions.update({id(node): segment.start + pos.start.line for node, pos in resolved.items()})
-    return [positions[id(s.literal)] for s in sites]
+    return list(segment_lines([s.segment for s in sites], [s.literal for s in sites]))
 
 
 def _find(segments: list[Segment]) -> list[Site]:
@@ -209,11 +203,11 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if len(stale) < len(sites):
         numbers = ", ".join(map(str, _lines_of(stale)))
         notes = (f"finished a half-switched loader: only line {numbers} still had the old default",)
-    for segment in sorted({id(s.segment): s.segment for s in stale}.values(), key=lambda g: -g.start):
+    changes = []
+    for segment in {id(s.segment): s.segment for s in stale}.values():
         mine = [s for s in stale if s.segment is segment]
-        code = segment.module.visit(_SetLiterals(mine, mode)).code
-        lines[segment.start:segment.end] = [code]
-    return Rewrite("".join(lines), notes)
+        changes.append((segment, segment.module.visit(_SetLiterals(mine, mode)).code))
+    return Rewrite(spliced(source, lines, changes), notes)
 
 
 PATCH = Patch(

@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import Lines, lines_of, marked_span, parse, template_block, uses_name
+from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
+                                    uses_name)
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 from totopatch.textio import syntax_error
 
@@ -138,6 +139,11 @@ def _block(base: str) -> tuple[cst.BaseStatement, ...]:
     return template_block(_template().replace(_BASE, base))
 
 
+def _block_code(base: str, module: cst.Module) -> list[str]:
+    """The code of ``_block(base)`` as ``module`` writes it (built once per newline and indent)."""
+    return list(template_code(_template().replace(_BASE, base), module))
+
+
 def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatement], lines: Lines,
                  skip: range) -> None:
     if not any(_is_import_torch(s) for s in body):
@@ -165,11 +171,10 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if span and span.start != cache.index + 1:
         raise Refusal(f"the kv-cache block is not right after class {cache.node.name.value}",
                       lines((cache.index, span.start)))
-    block = _block(cache.node.name.value)
-    if len(current) == len(block) and current == [module.code_for_node(s) for s in block]:
+    if current == _block_code(cache.node.name.value, module):
         return Rewrite(source)
     notes = ("replaced a kv-cache block written by another totopatch version",) if span else ()
-    body[cache.index + 1:cache.index + 1 + len(span)] = block
+    body[cache.index + 1:cache.index + 1 + len(span)] = _block(cache.node.name.value)
     return Rewrite(module.with_changes(body=body).code, notes)
 
 

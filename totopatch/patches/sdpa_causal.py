@@ -8,11 +8,14 @@ The value is the same in eager.
 """
 from __future__ import annotations
 
+import ast
+
 import libcst as cst
 
-from totopatch.patches._cst import lines_of, parse
+from totopatch.patches._cst import parse_statements, segment_lines, splice
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
+SDPA = "scaled_dot_product_attention"
 
 
 def _is_name(node: cst.CSTNode, *values: str) -> bool:
@@ -49,7 +52,7 @@ class _FindCausalArgs(cst.CSTVisitor):
         self.other: list[cst.Arg] = []
 
     def visit_Call(self, node: cst.Call) -> None:
-        if not _is_name(node.func, "scaled_dot_product_attention"):
+        if not _is_name(node.func, SDPA):
             return
         for arg in node.args:
             if arg.keyword is None or arg.keyword.value != "is_causal":
@@ -75,19 +78,33 @@ class _MakePlain(cst.CSTTransformer):
         return updated_node.with_changes(value=plain)
 
 
-def rewrite(source: str, options: Options) -> Rewrite:
-    module = parse(source)
+def _may_call_sdpa(node: ast.AST) -> bool:
+    """Python's view of the calls ``_FindCausalArgs`` looks at: only their statements are parsed with LibCST."""
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == SDPA
+
+
+def _find(module: cst.Module) -> _FindCausalArgs:
     finder = _FindCausalArgs()
     module.visit(finder)
-    if finder.other:
-        raise Refusal("scaled_dot_product_attention gets an is_causal expression this patch does not know",
-                      lines_of(module, finder.other))
-    if len(finder.symbolic) + len(finder.plain) != 1:
+    return finder
+
+
+def rewrite(source: str, options: Options) -> Rewrite:
+    lines, segments = parse_statements(source, SDPA, _may_call_sdpa)
+    finders = [_find(segment.module) for segment in segments]
+    if other := [arg for finder in finders for arg in finder.other]:
+        raise Refusal(f"{SDPA} gets an is_causal expression this patch does not know",
+                      segment_lines(segments, other))
+    count = sum(len(finder.symbolic) + len(finder.plain) for finder in finders)
+    if count != 1:
         raise Refusal(f"expected one SDPA call with is_causal=(attention_mask is None and seq_pos_offset == 0), "
-                      f"found {len(finder.symbolic) + len(finder.plain)}")
-    if not finder.symbolic:
+                      f"found {count}")
+    symbolic = [(segment, finder.symbolic) for segment, finder in zip(segments, finders) if finder.symbolic]
+    if not symbolic:
         return Rewrite(source)
-    return Rewrite(module.visit(_MakePlain(finder.symbolic)).code)
+    (segment, args), = symbolic
+    splice(lines, segment, segment.module.visit(_MakePlain(args)).code)
+    return Rewrite("".join(lines))
 
 
 PATCH = Patch(

@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import Lines, lines_of, marked_span, parse, template_block, uses_name
+from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
+                                    uses_name)
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 NEW_CLASS = "TotoForecasterSharedPrefill"
@@ -64,7 +65,12 @@ def fingerprint(function: cst.FunctionDef) -> str:
     body = list(function.body.body)
     if body and _is_docstring(body[0]):
         body = body[1:]
-    code = cst.Module(body=[function.with_changes(body=function.body.with_changes(body=body))]).code
+    return _token_hash(cst.Module(body=[function.with_changes(body=function.body.with_changes(body=body))]).code)
+
+
+@functools.lru_cache(maxsize=4)
+def _token_hash(code: str) -> str:
+    """(Cached: the stability pass after a rewrite fingerprints the same method again.)"""
     skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
     tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type not in skip]
     return hashlib.sha256(" ".join(tokens).encode()).hexdigest()
@@ -130,6 +136,11 @@ def _block(base: str) -> tuple[cst.BaseStatement, ...]:
     return template_block(_template().replace(_BASE, base))
 
 
+def _block_code(base: str, module: cst.Module) -> list[str]:
+    """The code of ``_block(base)`` as ``module`` writes it (built once per newline and indent)."""
+    return list(template_code(_template().replace(_BASE, base), module))
+
+
 def rewrite(source: str, options: Options) -> Rewrite:
     module = parse(source)
     body = list(module.body)
@@ -144,11 +155,11 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if span and span.start != index + 1:
         raise Refusal(f"the shared-prefill block is not right after class {body[index].name.value}",  # type: ignore
                       lines((index, span.start)))
-    block = _block(body[index].name.value)  # type: ignore[attr-defined]
-    if len(current) == len(block) and current == [module.code_for_node(s) for s in block]:
+    base = body[index].name.value  # type: ignore[attr-defined]
+    if current == _block_code(base, module):
         return Rewrite(source)
     notes = ("replaced a shared-prefill block written by another totopatch version",) if span else ()
-    body[index + 1:index + 1 + len(span)] = block
+    body[index + 1:index + 1 + len(span)] = _block(base)
     return Rewrite(module.with_changes(body=body).code, notes)
 
 

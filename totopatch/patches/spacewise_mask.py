@@ -9,9 +9,11 @@ bit-identical, and inductor then broadcasts it correctly.
 """
 from __future__ import annotations
 
+import ast
+
 import libcst as cst
 
-from totopatch.patches._cst import parse
+from totopatch.patches._cst import parse_statements, splice
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 OLD = "batch seq_len variate1 variate2 -> (batch seq_len) 1 variate1 variate2"
@@ -66,15 +68,29 @@ class _Unsqueeze(cst.CSTTransformer):
         return cst.Call(func=cst.Attribute(value=call, attr=cst.Name("unsqueeze")), args=[cst.Arg(cst.Integer("1"))])
 
 
-def rewrite(source: str, options: Options) -> Rewrite:
-    module = parse(source)
+def _may_rearrange(node: ast.AST) -> bool:
+    """Python's view of the calls ``_FindMaskCalls`` looks at: only their statements are parsed with LibCST."""
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "rearrange"
+
+
+def _find(module: cst.Module) -> _FindMaskCalls:
     finder = _FindMaskCalls()
     module.visit(finder)
-    if len(finder.upstream) + finder.patched != 1:
-        raise Refusal(f'expected one rearrange(mask, "{OLD}"), found {len(finder.upstream) + finder.patched}')
-    if not finder.upstream:
+    return finder
+
+
+def rewrite(source: str, options: Options) -> Rewrite:
+    lines, segments = parse_statements(source, "rearrange", _may_rearrange)
+    finders = [_find(segment.module) for segment in segments]
+    count = sum(len(finder.upstream) + finder.patched for finder in finders)
+    if count != 1:
+        raise Refusal(f'expected one rearrange(mask, "{OLD}"), found {count}')
+    upstream = [(segment, finder.upstream) for segment, finder in zip(segments, finders) if finder.upstream]
+    if not upstream:
         return Rewrite(source)
-    return Rewrite(module.visit(_Unsqueeze(finder.upstream)).code)
+    (segment, calls), = upstream
+    splice(lines, segment, segment.module.visit(_Unsqueeze(calls)).code)
+    return Rewrite("".join(lines))
 
 
 PATCH = Patch(
