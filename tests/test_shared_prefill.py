@@ -194,31 +194,6 @@ def test_mean_forecasts_and_unknown_distributions_run_as_upstream(tmp_path, tiny
     assert torch.equal(tiled.loc, normal.loc.repeat(3, 1)) and torch.equal(tiled.scale, normal.scale.repeat(3, 1))
 
 
-def test_the_first_step_computes_only_the_kept_steps_with_upstreams_draws(tmp_path, tiny_model) -> None:
-    """The Student-T mixture's last patch: the same values and the same random-number stream as ``sample()``."""
-    patched = load_forecaster(tmp_path, "forecaster_tail", shared_prefill.rewrite(forecaster_source("0.2.0"), {}).source)
-    forecaster, dists, g = patched.TotoForecaster(tiny_model), torch.distributions, torch.Generator().manual_seed(0)
-    params = [torch.rand(384, 2, 96, 24, generator=g) for _ in range(4)]
-    base = dists.MixtureSameFamily(dists.Categorical(probs=params[0]),
-                                   dists.StudentT(params[1] * 5 + 2, params[2] * 8 - 4, params[3] + 0.1))
-    distr = forecaster.create_affine_transformed(base, torch.rand(384, 2, 96, generator=g) * 100,
-                                                 torch.rand(384, 2, 96, generator=g) + 1)
-    assert patched._totopatch_tail_of_mixture(distr, 64) is not None  # the fast path applies to Toto's mixture
-    torch.manual_seed(7)
-    expected, after_expected = distr.sample()[:, :, -64:], torch.rand(3)
-    torch.manual_seed(7)
-    found, after_found = patched._totopatch_tail(forecaster, distr, 64), torch.rand(3)
-    assert list(patched._totopatch_tail_checked.values()) == [True]
-    assert torch.equal(found, expected) and torch.equal(after_found, after_expected)
-    normal = forecaster.create_affine_transformed(dists.Normal(torch.zeros(4, 1, 9), 1.0), torch.zeros(4, 1, 9),
-                                                  torch.ones(4, 1, 9))
-    assert patched._totopatch_tail_of_mixture(normal, 3) is None  # another shape: sample() itself
-    torch.manual_seed(7)
-    expected = normal.sample()[:, :, -3:]
-    torch.manual_seed(7)
-    assert torch.equal(patched._totopatch_tail(forecaster, normal, 3), expected)
-
-
 @pytest.mark.slow
 def test_a_fully_patched_tree_gives_the_same_samples_without_totopatch(tmp_path, cli, upstream_samples) -> None:
     root = tmp_path / "checkout"
