@@ -59,7 +59,7 @@ def run(ctx: Context, report: Report, plan: Plan, *, dry_run: bool = False) -> R
             if lock.stale_pid is not None:
                 report.notes.append(f"recovered a stale lock left by pid {lock.stale_pid}")
             manifest = _recover(ctx, report)
-            if loaded.journal or manifest != loaded.manifest or any(read(c.path) != c.old for c in changes):
+            if loaded.journal or manifest != loaded.manifest or _changed_since_plan(changes):
                 report.items.clear()  # recovery or another run changed things: plan again, under the lock
                 changes = plan(manifest)
                 if _refused(report):
@@ -72,6 +72,14 @@ def run(ctx: Context, report: Report, plan: Plan, *, dry_run: bool = False) -> R
     except Abort as exc:
         _skip(report, exc.code, str(exc))
     return report
+
+
+def _changed_since_plan(changes: list[Change]) -> bool:
+    """Whether a file no longer holds what the plan read; a file two stacked patches change is read once."""
+    first: dict[Path, bytes | None] = {}
+    for change in changes:
+        first.setdefault(change.path, change.old)
+    return any(read(path) != old for path, old in first.items())
 
 
 def _refused(report: Report) -> bool:
