@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+from importlib import resources
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -14,6 +15,12 @@ from totopatch.textio import parse_ast, syntax_error, vouch
 
 Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+
+
+@functools.cache
+def template_text(name: str) -> str:
+    """The text of a template file beside the patch modules (read once per process)."""
+    return resources.files("totopatch.patches").joinpath(name).read_text(encoding="utf-8")
 
 
 def parse(source: str) -> cst.Module:
@@ -77,7 +84,7 @@ _DERIVED: dict[str, list[tuple[int, int]]] = {}  # spliced texts' statement rang
 def _ranges(source: str) -> list[tuple[int, int]]:
     """0-based line ranges of the top-level statements, from Python's parse or derived by ``spliced``."""
     known = _DERIVED.get(source)
-    return known if known is not None else [(start, end) for start, end, _ in _statement_groups(_parse_python(source))]
+    return known if known is not None else [(start, end) for start, end, _ in _statement_groups(parse_python(source))]
 
 
 def spliced(source: str, lines: list[str], changes: list[tuple[Segment, str]]) -> str:
@@ -145,7 +152,7 @@ def parse_statements(source: str, hint: str, wanted: Callable[[ast.AST], bool]) 
     ``wanted`` must accept at least every node the patch's LibCST matcher would: nodes outside the
     segments are never seen.
     """
-    tree = _parse_python(source)
+    tree = parse_python(source)
     lines = split_lines(source)
     found: set[tuple[int, int, int]] = set()
     for start, end, group in _statement_groups(tree):
@@ -182,7 +189,8 @@ def segment_lines(segments: Iterable[Segment], nodes: Iterable[cst.CSTNode]) -> 
     return tuple(positions[id(node)] for node in nodes)
 
 
-def _parse_python(source: str) -> ast.Module:
+def parse_python(source: str) -> ast.Module:
+    """Python's own parse of ``source`` (shared, cached), or a Refusal with Python's line."""
     try:
         return parse_ast(source)
     except (SyntaxError, ValueError):

@@ -16,16 +16,14 @@ breaks the graph in each layer, and the per-layer frames that follow recompile p
 """
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
-from importlib import resources
 from typing import Callable, Iterable
 
 import libcst as cst
 
 from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
-                                    uses_name)
+                                    template_text, uses_name)
 from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
 from totopatch.textio import syntax_error
 
@@ -129,9 +127,8 @@ def _find_cache(body: list[cst.BaseStatement], lines: Lines, skip: range) -> Sha
     raise Refusal("no KV cache class: expected a @dataclass with Toto's KVCache fields and methods")
 
 
-@functools.cache
 def _template() -> str:
-    return resources.files("totopatch.patches").joinpath("kv_cache_template.py.txt").read_text(encoding="utf-8")
+    return template_text("kv_cache_template.py.txt")
 
 
 def _block(base: str) -> tuple[cst.BaseStatement, ...]:

@@ -19,12 +19,9 @@ line endings, so nothing else in the file changes.
 from __future__ import annotations
 
 import ast
-import functools
-from importlib import resources
 
-from totopatch.patches._cst import split_lines
+from totopatch.patches._cst import parse_python, split_lines, template_text
 from totopatch.spec import Options, Patch, Refusal, Rewrite
-from totopatch.textio import parse_ast, syntax_error
 
 NEW_CLASS = "TransformerLayerCompiledOnce"
 BEGIN, END = "# totopatch layer-region: begin", "# totopatch layer-region: end"
@@ -43,14 +40,6 @@ def _params(function: ast.FunctionDef) -> tuple[str, ...] | None:
 def _is_layer(node: ast.stmt) -> bool:
     return isinstance(node, ast.ClassDef) and any(
         isinstance(s, ast.FunctionDef) and s.name == "forward" and _params(s) == FORWARD for s in node.body)
-
-
-def _tree(source: str) -> ast.Module:
-    try:
-        return parse_ast(source)
-    except (SyntaxError, ValueError):
-        line, message = syntax_error(source) or (None, "does not parse")
-        raise Refusal(f"not valid Python: {message}", (line or 1,)) from None
 
 
 def _marked(lines: list[str], tree: ast.Module) -> tuple[int, int] | None:
@@ -90,9 +79,8 @@ def _check_names(source: str, lines: list[str], block: tuple[int, int] | None) -
                       "layer-region block", tuple(clash))
 
 
-@functools.cache
 def _template() -> str:
-    return resources.files("totopatch.patches").joinpath("layer_region_template.py.txt").read_text(encoding="utf-8")
+    return template_text("layer_region_template.py.txt")
 
 
 def _block(base: str, newline: str) -> list[str]:
@@ -107,7 +95,7 @@ def _newline(lines: list[str]) -> str:
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
-    tree = _tree(source)
+    tree = parse_python(source)
     lines = split_lines(source)
     block = _marked(lines, tree)
     layer = _find_layer(tree, block)

@@ -20,13 +20,12 @@ import functools
 import hashlib
 import io
 import tokenize
-from importlib import resources
 from typing import Callable, Iterable
 
 import libcst as cst
 
 from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
-                                    uses_name)
+                                    template_text, uses_name)
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
 NEW_CLASS = "TotoForecasterSharedPrefill"
@@ -126,9 +125,8 @@ def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatemen
                       "shared-prefill block", lines(clash))
 
 
-@functools.cache
 def _template() -> str:
-    return resources.files("totopatch.patches").joinpath("shared_prefill_template.py.txt").read_text(encoding="utf-8")
+    return template_text("shared_prefill_template.py.txt")
 
 
 def _block(base: str) -> tuple[cst.BaseStatement, ...]:
