@@ -129,6 +129,22 @@ def test_cli_stacks_it_on_spacewise_mask_and_reverts_exactly(tmp_path, cli, vers
     assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}
 
 
+def test_a_reinstalled_stacked_file_is_patched_again(tmp_path, cli) -> None:
+    """The file both patches changed comes back unpatched (a reinstall): apply re-patches it, drops the stale records."""
+    root = tmp_path / "checkout"
+    shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    before = snapshot(root)
+    assert cli(root, "apply").exit_code == 0
+    transformer = root / "toto" / "model" / "transformer.py"
+    transformer.write_bytes((installed_toto_package() / "model" / "transformer.py").read_bytes())
+    ran = cli(root, "apply")
+    assert ran.exit_code == 0, ran.stderr
+    assert ran.stdout.count("dropped the stale record") == 2
+    assert cli(root, "status", "--check").exit_code == 0
+    assert cli(root, "revert").exit_code == 0
+    assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}
+
+
 def regions(parent: Path, out: Path) -> dict:
     run = subprocess.run([sys.executable, str(FIXTURES / "layer_regions.py"), "--toto-parent", str(parent),
                           "--out", str(out)], capture_output=True, text=True, timeout=600)

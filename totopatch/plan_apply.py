@@ -42,6 +42,10 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
         entry = manifest.find(ref.id, target.base, target.rel)
         options = effective_options(ref, entry, given)
         found = classify(ctx, manifest, ref, target, options, data)
+        if found.state != State.REPLACED and entry is not None and target.path in pending:
+            # stacked on a patch planned in this run: the disk says whether the file was replaced since
+            on_disk = classify(ctx, manifest, ref, target, options, read(target.path))
+            found = on_disk if on_disk.state == State.REPLACED else found
         if found.state != State.REPLACED:
             return _act(ctx, ref, target, item, found, options, adopt_legacy, pending)
         item, change = _act(ctx, ref, target, item, classify(ctx, manifest, ref, target, options, data,
