@@ -52,7 +52,8 @@ def test_doctor_without_torch_imports_nothing_heavy(project, cli, tmp_path) -> N
     assert probe["heavy"] == []
     assert report["torch"] == {"installed": False, "version": None, "cuda_build": None, "cuda_available": None,
                                "error": None}
-    assert [p["state"] for p in report["patches"]] == ["applied"] * len(PATCHES)
+    assert [p["state"] for p in report["patches"]] == ["not-recorded" if p == "layer-region" else "applied"
+                                                       for p in (ref.id for ref in PATCHES)]  # opt-in
     assert probe["code"] == report["exit_code"]
 
 

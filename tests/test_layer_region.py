@@ -115,7 +115,8 @@ def test_cli_stacks_it_on_spacewise_mask_and_reverts_exactly(tmp_path, cli, vers
     shutil.copytree(package(version), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
     before = snapshot(root)
     assert cli(root, "apply").exit_code == 0
-    status = json.loads(cli(root, "status", "--json").stdout)["items"]
+    assert cli(root, "apply", "layer-region").exit_code == 0  # opt-in
+    status = json.loads(cli(root, "status", "spacewise-mask", "layer-region", "--json").stdout)["items"]
     states = {i["patch"]: (i["state"], i["detail"]) for i in status if i["target"] == "transformer"}
     assert states == {"spacewise-mask": ("applied", "under layer-region"), "layer-region": ("applied", "")}
     assert cli(root, "verify", "spacewise-mask", "layer-region").exit_code == 0
@@ -135,12 +136,13 @@ def test_a_reinstalled_stacked_file_is_patched_again(tmp_path, cli) -> None:
     shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
     before = snapshot(root)
     assert cli(root, "apply").exit_code == 0
+    assert cli(root, "apply", "layer-region").exit_code == 0
     transformer = root / "toto" / "model" / "transformer.py"
     transformer.write_bytes((installed_toto_package() / "model" / "transformer.py").read_bytes())
-    ran = cli(root, "apply")
+    ran = cli(root, "apply", "spacewise-mask", "layer-region")
     assert ran.exit_code == 0, ran.stderr
     assert ran.stdout.count("dropped the stale record") == 2
-    assert cli(root, "status", "--check").exit_code == 0
+    assert cli(root, "status", "spacewise-mask", "layer-region", "--check").exit_code == 0
     assert cli(root, "revert").exit_code == 0
     assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}
 
@@ -157,7 +159,7 @@ def test_compiles_each_kind_of_layer_once_with_outputs_equal_to_eager(tmp_path, 
     """The tiny model's 4 layers (2 space-wise, 2 time-wise) become 2 regions; with a KV cache, none."""
     root = tmp_path / "checkout"
     shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
-    assert cli(root, "apply").exit_code == 0
+    assert cli(root, "apply", "kv-cache", "spacewise-mask", "layer-region", "shared-prefill").exit_code == 0
     upstream, patched = regions(installed_toto_package().parent, tmp_path / "a.pt"), regions(root, tmp_path / "b.pt")
     assert (upstream["layer_class"], patched["layer_class"]) == ("TransformerLayer", "TransformerLayerCompiledOnce")
     assert upstream["no_cache"]["region_calls"] == 0

@@ -53,7 +53,6 @@ def test_apply_all_status_verify_revert(project, cli) -> None:
     states = {(i["patch"], i["target"]): i["state"] for i in json.loads(cli(project, "status", "--json").stdout)["items"]}
     assert states == {("kv-cache", "util"): "applied", ("kv-cache", "util_optimized"): "not-present",
                       ("sdpa-causal", "attention"): "applied", ("spacewise-mask", "transformer"): "applied",
-                      ("layer-region", "transformer"): "applied",
                       ("shared-prefill", "forecaster"): "applied", ("compile-mode", "backtest"): "applied"}
     assert cli(project, "status", "--check").exit_code == 0
     assert cli(project, "verify").exit_code == 0

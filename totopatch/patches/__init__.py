@@ -14,8 +14,10 @@ PATCHES: tuple[PatchRef, ...] = (
     PatchRef("kv-cache", "kv_cache", ("util", "util_optimized")),
     PatchRef("sdpa-causal", "sdpa_causal", ("attention",), compiled_only=True),
     PatchRef("spacewise-mask", "spacewise_mask", ("transformer",), compiled_only=True),
-    # After spacewise-mask, whose edit it stacks on in the same file.
-    PatchRef("layer-region", "layer_region", ("transformer",), compiled_only=True),
+    # After spacewise-mask, whose edit it stacks on in the same file. Opt-in: on the GPU with torch 2.11 it did not
+    # shorten the first compiled call (28.1 s with, 27.2 s without, region_ab_h200_20261128_*); torch 2.13 on CPU
+    # compiled 2.4x faster with it (compile_time_cpu_20261128.json).
+    PatchRef("layer-region", "layer_region", ("transformer",), default=False, compiled_only=True),
     PatchRef("shared-prefill", "shared_prefill", ("forecaster",)),
     PatchRef("compile-mode", "compile_mode", ("backtest",), compiled_only=True, env_option="compile_mode",
              options={"compile_mode": "reduce-overhead"}),
