@@ -102,6 +102,13 @@ def test_refuses_a_damaged_block_and_a_block_elsewhere() -> None:
         layer_region.rewrite(moved, {})
 
 
+def test_a_name_clash_after_the_block_is_refused_at_its_own_line() -> None:
+    after = layer_region.rewrite(BEFORE, {}).source + "_totopatch_mine = 1\n"
+    with pytest.raises(Refusal, match="already uses the name") as exc:
+        layer_region.rewrite(after, {})
+    assert exc.value.lines == (after.count("\n"),)
+
+
 def test_an_outdated_block_is_replaced_with_a_note() -> None:
     after = layer_region.rewrite(BEFORE, {}).source
     old = after.replace("an int that differs", "an index that differs")

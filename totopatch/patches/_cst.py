@@ -4,8 +4,8 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from importlib import resources
 from dataclasses import dataclass
+from importlib import resources
 from typing import Callable, Iterable
 
 import libcst as cst

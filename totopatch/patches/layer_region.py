@@ -71,9 +71,9 @@ def _imports_torch(tree: ast.Module) -> bool:
                for n in tree.body)
 
 
-def _check_names(source: str, lines: list[str], block: tuple[int, int] | None) -> None:
-    outside = source if block is None else "".join(lines[:block[0]] + lines[block[1] + 1:])
-    clash = [i + 1 for i, line in enumerate(split_lines(outside)) if NEW_CLASS in line or "_totopatch_" in line]
+def _check_names(lines: list[str], block: tuple[int, int] | None) -> None:
+    inside = range(block[0], block[1] + 1) if block else range(0)
+    clash = [i + 1 for i, line in enumerate(lines) if i not in inside and (NEW_CLASS in line or "_totopatch_" in line)]
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} or a _totopatch_ name outside a "
                       "layer-region block", tuple(clash))
@@ -99,7 +99,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
     lines = split_lines(source)
     block = _marked(lines, tree)
     layer = _find_layer(tree, block)
-    _check_names(source, lines, block)
+    _check_names(lines, block)
     if not _imports_torch(tree):
         raise Refusal("the module does not import torch at top level, which the layer region needs")
     end = layer.end_lineno or layer.lineno  # 1-based last line of the class = 0-based index after it
