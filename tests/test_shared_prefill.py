@@ -194,6 +194,91 @@ def test_mean_forecasts_and_unknown_distributions_run_as_upstream(tmp_path, tiny
     assert torch.equal(tiled.loc, normal.loc.repeat(3, 1)) and torch.equal(tiled.scale, normal.scale.repeat(3, 1))
 
 
+@pytest.fixture(scope="module")
+def patched_module(tmp_path_factory) -> ModuleType:
+    source = shared_prefill.rewrite(forecaster_source("0.2.0"), {}).source
+    return load_forecaster(tmp_path_factory.mktemp("sampler"), "forecaster_sampler", source)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_tiled_categorical_draws_what_multinomial_draws(patched_module, batch) -> None:
+    probs = torch.softmax(3 * torch.randn(batch, 2, 7, 5), dim=-1)
+    upstream = torch.distributions.Categorical(probs=probs.repeat(4, 1, 1, 1))
+    tiled = patched_module._TotopatchTiledCategorical(probs, 4)
+    torch.manual_seed(3)
+    before = upstream.sample()
+    torch.manual_seed(3)
+    after = tiled.sample()
+    assert tiled.batch_shape == upstream.batch_shape and torch.equal(before, after)
+    assert torch.equal(tiled.probs, probs.repeat(4, 1, 1, 1))  # the model's probabilities, not normalised again
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative", "inf", "zero row"])
+def test_a_tiled_categorical_refuses_what_multinomial_refuses(patched_module, bad) -> None:
+    probs = torch.full((1, 1, 3, 4), 0.25)
+    probs[0, 0, 1] = {"nan": float("nan"), "negative": -0.25, "inf": float("inf"), "zero row": 0.0}[bad]
+    with pytest.raises(RuntimeError) as upstream:
+        torch.multinomial(probs.reshape(-1, 4), 1, True)
+    with pytest.raises(RuntimeError) as patched:
+        patched_module._TotopatchTiledCategorical(probs, 4)
+    assert str(patched.value) == str(upstream.value).splitlines()[0]
+
+
+def test_the_first_step_distribution_is_tiled_after_upstream_shapes_it(patched_module) -> None:
+    from gluonts.torch.distributions import AffineTransformed
+
+    base = torch.distributions.Normal(torch.randn(1, 1, 6), torch.rand(1, 1, 6) + 0.1)
+    loc, scale = torch.randn(1, 1, 9), torch.rand(1, 1, 9) + 0.5
+    affine = patched_module.TotoForecaster.create_affine_transformed(base, loc, scale)
+    tiled = patched_module._totopatch_tile_affine(affine, patched_module._totopatch_tile_distribution(base, 3), 3)
+    upstream = patched_module.TotoForecaster.create_affine_transformed(
+        torch.distributions.Normal(base.loc.repeat(3, 1, 1), base.scale.repeat(3, 1, 1)), loc.repeat(3, 1, 1),
+        scale.repeat(3, 1, 1))
+    assert type(tiled) is AffineTransformed
+    assert torch.equal(tiled.loc, upstream.loc) and torch.equal(tiled.scale, upstream.scale)
+    torch.manual_seed(5)
+    before = upstream.sample()
+    torch.manual_seed(5)
+    assert torch.equal(tiled.sample(), before)
+    other = torch.distributions.TransformedDistribution(base, [])
+    assert patched_module._totopatch_tile_affine(other, base, 3) is None
+
+
+def test_extreme_values_are_replaced_as_upstream_replaces_them(patched_module) -> None:
+    from toto.data.util.dataset import replace_extreme_values
+
+    values = torch.tensor([1.5, float("nan"), float("inf"), -float("inf"), 3e38, -2e38, -0.0, 7.0])
+    assert torch.equal(patched_module._totopatch_replace_extreme_values(values), replace_extreme_values(values))
+
+
+def test_the_kept_steps_of_a_mixture_are_drawn_as_sample_draws_them(patched_module) -> None:
+    from gluonts.torch.distributions.studentT import StudentT
+
+    dists = torch.distributions
+    probs = torch.softmax(torch.randn(1, 2, 10, 4), dim=-1)
+    parts = StudentT(2.5 + torch.rand(1, 2, 10, 4), torch.randn(1, 2, 10, 4), torch.rand(1, 2, 10, 4) + 0.1)
+    model = dists.MixtureSameFamily(dists.Categorical(probs=probs), parts)
+    shape = patched_module.TotoForecaster.create_affine_transformed
+    distr = patched_module._totopatch_tile_affine(shape(model, torch.randn(1, 2, 10), torch.rand(1, 2, 10) + 1.0),
+                                                  patched_module._totopatch_tile_distribution(model, 3), 3)
+    torch.manual_seed(11)
+    before = distr.sample()[:, :, -4:]
+    after_stream = torch.rand(3)
+    torch.manual_seed(11)
+    after = patched_module._totopatch_last_steps(distr, 4, shape)
+    assert torch.equal(before, after) and torch.equal(torch.rand(3), after_stream)  # the same draws, no more
+    assert patched_module._totopatch_tail_checked[(type(distr), StudentT, probs.device, probs.dtype)] is True
+
+
+def test_the_kept_steps_fall_back_to_sample_for_other_distributions(patched_module) -> None:
+    normal = torch.distributions.Normal(torch.randn(3, 1, 8), 1.0)
+    assert patched_module._totopatch_tail_of_mixture(normal, 4) is None
+    torch.manual_seed(2)
+    before = normal.sample()[:, :, -4:]
+    torch.manual_seed(2)
+    assert torch.equal(patched_module._totopatch_last_steps(normal, 4, None), before)
+
+
 @pytest.mark.slow
 def test_a_fully_patched_tree_gives_the_same_samples_without_totopatch(tmp_path, cli, upstream_samples) -> None:
     root = tmp_path / "checkout"
