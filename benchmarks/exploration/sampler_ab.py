@@ -1,13 +1,15 @@
-"""A/B of two shared-prefill forecaster modules in one process, eager, on the users' one-step forecast.
+"""A/B of shared-prefill forecaster modules in one process, on the users' one-step forecast.
 
-Both modules are patched copies of ``toto/inference/forecaster.py`` (made with ``totopatch apply
-shared-prefill`` by two totopatch revisions); they are loaded side by side as siblings of the installed
-forecaster and run the same eager backbone (Toto-Open-Base shape, random weights, TF32 on, flash and
-memory-efficient SDPA on, math off).  Forecasts alternate between the two, seeded alike, per context length;
-each is timed with a device synchronisation before and after.  One warm forecast per module and length is
-then profiled (``torch.profiler``): kernel time summed against the forecast's wall time, and the top kernels.
+The modules are patched copies of ``toto/inference/forecaster.py`` (made with ``totopatch apply
+shared-prefill`` by different totopatch revisions); they are loaded side by side as siblings of the installed
+forecaster and run the same backbone (Toto-Open-Base shape, random weights, TF32 on, flash and
+memory-efficient SDPA on, math off), eager or compiled once with ``--mode``.  Forecasts rotate between the
+modules, seeded alike, per context length; each is timed with a device synchronisation before and after, and
+every module's samples are compared with the first's.  One warm forecast per module and length is then
+profiled (``torch.profiler``): kernel time summed against the forecast's wall time, and the top kernels.
 
-    python benchmarks/exploration/sampler_ab.py --toto-parent DIR --a OLD.py --b NEW.py --out FILE.json
+    python benchmarks/exploration/sampler_ab.py --toto-parent DIR --module old=OLD.py --module new=NEW.py \
+        [--mode reduce-overhead] --out FILE.json
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ def load_sibling(path: Path, name: str):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--toto-parent", type=Path, required=True)
-    ap.add_argument("--a", type=Path, required=True, help="forecaster module A (the baseline)")
-    ap.add_argument("--b", type=Path, required=True, help="forecaster module B")
+    ap.add_argument("--module", action="append", required=True, help="NAME=PATH of a forecaster module (first: baseline)")
+    ap.add_argument("--mode", default="eager", help="eager or a torch.compile mode for the shared backbone")
     ap.add_argument("--lengths", default="512,1024,2200")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--shape", default="base")
@@ -54,10 +56,16 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     settings = configure_torch(torch, cuda, False)
     backbone = build_model(args.shape).to(device).model
-    modules = {"a": load_sibling(args.a, "forecaster_a"), "b": load_sibling(args.b, "forecaster_b")}
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    if args.mode != "eager":
+        backbone = torch.compile(backbone, **({} if args.mode == "default" else {"mode": args.mode}))
+    paths = dict(item.split("=", 1) for item in args.module)
+    modules = {k: load_sibling(Path(v), f"forecaster_{k}") for k, v in paths.items()}
+    names = list(modules)
     forecasters = {k: m.TotoForecaster(backbone) for k, m in modules.items()}
-    doc = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-           "settings": settings, "a": str(args.a), "b": str(args.b), "classes": {k: type(f).__name__ for k, f in forecasters.items()},
+    doc = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "mode": args.mode,
+           "settings": settings, "modules": paths, "classes": {k: type(f).__name__ for k, f in forecasters.items()},
            "call": "forecast(context, prediction_length=1, num_samples=3072, samples_per_batch=384, use_kv_cache=True)",
            "lengths": {}}
 
@@ -77,26 +85,30 @@ def main() -> None:
                                   id_mask=torch.zeros(1, t, dtype=torch.int, device=device),
                                   timestamp_seconds=(86_400 * torch.arange(t, device=device))[None, :],
                                   time_interval_seconds=torch.full((1,), 86_400, dtype=torch.int, device=device))
-        for which in "ab":
-            forecast(which, inputs, 0)  # warm-up
-        times = {"a": [], "b": []}
-        diffs = []
+        t0 = time.perf_counter()
+        for which in names:
+            forecast(which, inputs, 0)  # warm-up (and, compiled, the compile for this length)
+        warmup_s = time.perf_counter() - t0
+        times: dict[str, list[float]] = {k: [] for k in names}
+        diffs: dict[str, float] = {k: 0.0 for k in names[1:]}
         for r in range(args.repeats):
-            order = "ab" if r % 2 == 0 else "ba"
+            order = names[r % len(names):] + names[:r % len(names)]
             samples = {}
             for which in order:
                 dt, samples[which] = forecast(which, inputs, 100 + r)
                 times[which].append(dt * 1e3)
-            diffs.append(float((samples["a"] - samples["b"]).abs().max()))
-            equal = torch.equal(samples["a"], samples["b"])
+            for k in names[1:]:
+                diffs[k] = max(diffs[k], float((samples[names[0]] - samples[k]).abs().max()))
         row = {k: {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3)} for k, v in times.items()}
-        row["b_vs_a"] = round(row["a"]["median_ms"] / row["b"]["median_ms"], 3)
-        row["max_abs_diff"] = max(diffs)
-        row["last_equal"] = equal
+        for k in names[1:]:
+            row[k]["vs_" + names[0]] = round(row[names[0]]["median_ms"] / row[k]["median_ms"], 3)
+            row[k]["max_abs_diff"] = diffs[k]
+        row["warmup_s"] = round(warmup_s, 2)
         if cuda:
-            row["profile"] = {w: profile(torch, lambda: forecast(w, inputs, 7)) for w in "ab"}
+            row["profile"] = {w: profile(torch, lambda: forecast(w, inputs, 7)) for w in names}
         doc["lengths"][str(length)] = row
         print(length, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+    doc["module_stats"] = {k: getattr(m, "_TAIL_STATS", None) for k, m in modules.items()}
     args.out.write_text(json.dumps(doc, indent=1))
 
 
