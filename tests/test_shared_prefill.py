@@ -188,9 +188,10 @@ def test_mean_forecasts_and_unknown_distributions_run_as_upstream(tmp_path, tiny
     means = [cls(tiny_model).forecast(inputs, prediction_length=9, num_samples=None).mean
              for cls in (TotoForecaster, patched.TotoForecaster)]
     assert torch.equal(*means)
-    assert patched._totopatch_tile_distribution(torch.distributions.Laplace(torch.zeros(1, 2), 1.0), 3) is None
+    tile = patched._totopatch_tile
+    assert patched._totopatch_tile_distribution(torch.distributions.Laplace(torch.zeros(1, 2), 1.0), 3, tile) is None
     normal = torch.distributions.Normal(torch.randn(2, 3), torch.rand(2, 3) + 0.1)
-    tiled = patched._totopatch_tile_distribution(normal, 3)
+    tiled = patched._totopatch_tile_distribution(normal, 3, tile)
     assert torch.equal(tiled.loc, normal.loc.repeat(3, 1)) and torch.equal(tiled.scale, normal.scale.repeat(3, 1))
 
 
@@ -204,7 +205,7 @@ def patched_module(tmp_path_factory) -> ModuleType:
 def test_a_tiled_categorical_draws_what_multinomial_draws(patched_module, batch) -> None:
     probs = torch.softmax(3 * torch.randn(batch, 2, 7, 5), dim=-1)
     upstream = torch.distributions.Categorical(probs=probs.repeat(4, 1, 1, 1))
-    tiled = patched_module._TotopatchTiledCategorical(probs, 4)
+    tiled = patched_module._TotopatchTiledCategorical(probs, 4, patched_module._totopatch_tile_view)
     torch.manual_seed(3)
     before = upstream.sample()
     torch.manual_seed(3)
@@ -220,7 +221,7 @@ def test_a_tiled_categorical_refuses_what_multinomial_refuses(patched_module, ba
     with pytest.raises(RuntimeError) as upstream:
         torch.multinomial(probs.reshape(-1, 4), 1, True)
     with pytest.raises(RuntimeError) as patched:
-        patched_module._TotopatchTiledCategorical(probs, 4)
+        patched_module._TotopatchTiledCategorical(probs, 4, patched_module._totopatch_tile)
     assert str(patched.value) == str(upstream.value).splitlines()[0]
 
 
@@ -230,7 +231,8 @@ def test_the_first_step_distribution_is_tiled_after_upstream_shapes_it(patched_m
     base = torch.distributions.Normal(torch.randn(1, 1, 6), torch.rand(1, 1, 6) + 0.1)
     loc, scale = torch.randn(1, 1, 9), torch.rand(1, 1, 9) + 0.5
     affine = patched_module.TotoForecaster.create_affine_transformed(base, loc, scale)
-    tiled = patched_module._totopatch_tile_affine(affine, patched_module._totopatch_tile_distribution(base, 3), 3)
+    view = patched_module._totopatch_tile_view
+    tiled = patched_module._totopatch_tile_affine(affine, patched_module._totopatch_tile_distribution(base, 3, view), 3, view)
     upstream = patched_module.TotoForecaster.create_affine_transformed(
         torch.distributions.Normal(base.loc.repeat(3, 1, 1), base.scale.repeat(3, 1, 1)), loc.repeat(3, 1, 1),
         scale.repeat(3, 1, 1))
@@ -241,7 +243,7 @@ def test_the_first_step_distribution_is_tiled_after_upstream_shapes_it(patched_m
     torch.manual_seed(5)
     assert torch.equal(tiled.sample(), before)
     other = torch.distributions.TransformedDistribution(base, [])
-    assert patched_module._totopatch_tile_affine(other, base, 3) is None
+    assert patched_module._totopatch_tile_affine(other, base, 3, view) is None
 
 
 def test_extreme_values_are_replaced_as_upstream_replaces_them(patched_module) -> None:
@@ -259,8 +261,9 @@ def test_the_kept_steps_of_a_mixture_are_drawn_as_sample_draws_them(patched_modu
     parts = StudentT(2.5 + torch.rand(1, 2, 10, 4), torch.randn(1, 2, 10, 4), torch.rand(1, 2, 10, 4) + 0.1)
     model = dists.MixtureSameFamily(dists.Categorical(probs=probs), parts)
     shape = patched_module.TotoForecaster.create_affine_transformed
+    view = patched_module._totopatch_tile_view
     distr = patched_module._totopatch_tile_affine(shape(model, torch.randn(1, 2, 10), torch.rand(1, 2, 10) + 1.0),
-                                                  patched_module._totopatch_tile_distribution(model, 3), 3)
+                                                  patched_module._totopatch_tile_distribution(model, 3, view), 3, view)
     torch.manual_seed(11)
     before = distr.sample()[:, :, -4:]
     after_stream = torch.rand(3)
