@@ -108,7 +108,9 @@ def main() -> None:
             row["profile"] = {w: profile(torch, lambda: forecast(w, inputs, 7)) for w in names}
         doc["lengths"][str(length)] = row
         print(length, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-    doc["module_stats"] = {k: getattr(m, "_TAIL_STATS", None) for k, m in modules.items()}
+    # whether each module's kept-patch sampler passed its once-per-process check (absent in older revisions)
+    doc["kept_patch_checks"] = {k: {str(key): ok for key, ok in getattr(m, "_totopatch_tail_checked", {}).items()}
+                                for k, m in modules.items()}
     args.out.write_text(json.dumps(doc, indent=1))
 
 
