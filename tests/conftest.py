@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -59,6 +62,13 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
             out[str(path.relative_to(root))] = (path.read_bytes(), st.st_mode, st.st_mtime_ns)
     return out
 
+
+
+def run_script(script: Path, *args: str) -> dict:
+    """Run a fixture script in a fresh Python (so its ``--toto-parent`` is the ``toto`` it imports); its last line's JSON."""
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 @pytest.fixture
 def cli():

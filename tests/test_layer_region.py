@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import installed_toto_package, snapshot
+from conftest import installed_toto_package, run_script, snapshot
 from test_versions import package
 from totopatch.patches import layer_region, spacewise_mask
 from totopatch.spec import Refusal
@@ -155,10 +153,7 @@ def test_a_reinstalled_stacked_file_is_patched_again(tmp_path, cli) -> None:
 
 
 def regions(parent: Path, out: Path) -> dict:
-    run = subprocess.run([sys.executable, str(FIXTURES / "layer_regions.py"), "--toto-parent", str(parent),
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_script(FIXTURES / "layer_regions.py", "--toto-parent", str(parent), "--out", str(out))
 
 
 @pytest.mark.slow

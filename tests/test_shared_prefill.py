@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import installed_toto_package, snapshot
+from conftest import installed_toto_package, run_script, snapshot
 from test_versions import package
 from totopatch.patches import kv_cache, shared_prefill
 from totopatch.spec import Refusal
@@ -296,10 +295,7 @@ def test_a_fully_patched_tree_gives_the_same_samples_without_totopatch(tmp_path,
 
 
 def recompiles(parent: Path, prediction: int = 1) -> dict:
-    run = subprocess.run([sys.executable, str(FIXTURES / "context_recompiles.py"), "--toto-parent", str(parent),
-                          "--prediction", str(prediction)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_script(FIXTURES / "context_recompiles.py", "--toto-parent", str(parent), "--prediction", str(prediction))
 
 
 @pytest.mark.slow
