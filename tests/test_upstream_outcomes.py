@@ -240,3 +240,31 @@ def test_hints_inside_code_torch_compile_traces_step_aside(patched_module) -> No
         warnings.simplefilter("ignore")
         traced = torch.compile(lambda x: (patched_module._totopatch_dynamic_time(x), x + 1)[1], backend="eager")
         assert torch.equal(traced(torch.ones(2, 5)), torch.full((2, 5), 2.0))
+
+
+def test_a_cache_made_inside_traced_code_works_as_upstreams(tmp_path, monkeypatch) -> None:
+    """torch.compile over code that allocates the cache: the patched cache's hints and pool step aside."""
+    import toto.model.backbone as backbone
+
+    from totopatch.smoke import build_model
+
+    util = (installed_toto_package() / "model" / "util.py").read_text()
+    patched = load_forecaster(tmp_path, "util_traced", kv_cache.rewrite(util, {}).source)
+    monkeypatch.setitem(sys.modules, patched.__name__, patched)  # torch.compile looks modules up by name
+    model = build_model("tiny").model
+    keys = torch.randn(1, 4, 2, 8)  # two patches: all the cache holds
+
+    def filled(values: torch.Tensor) -> torch.Tensor:
+        cache = model.allocate_kv_cache(batch_size=1, num_variates=1, max_time_steps=8, device="cpu",
+                                        dtype=torch.float32)
+        cache.append(0, (values, values))
+        return cache[0][0] * 1.0
+
+    found = []
+    for cls in (backbone.KVCache, patched.KVCache):
+        monkeypatch.setattr(backbone, "KVCache", cls)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._dynamo.reset()
+            found.append(torch.compile(filled, backend="eager")(keys))
+    assert torch.equal(found[0], found[1]) and torch.equal(found[1], keys)
