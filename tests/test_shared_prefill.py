@@ -269,7 +269,8 @@ def test_the_kept_steps_of_a_mixture_are_drawn_as_sample_draws_them(patched_modu
     torch.manual_seed(11)
     after = patched_module._totopatch_last_steps(distr, 4, shape)
     assert torch.equal(before, after) and torch.equal(torch.rand(3), after_stream)  # the same draws, no more
-    assert patched_module._totopatch_tail_checked[(type(distr), StudentT, probs.device, probs.dtype)] is True
+    key = (type(distr), StudentT, probs.device, probs.dtype, patched_module._totopatch_autocast(probs.device))
+    assert patched_module._totopatch_tail_checked[key] is True
 
 
 def test_the_kept_steps_fall_back_to_sample_for_other_distributions(patched_module) -> None:

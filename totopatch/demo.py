@@ -10,7 +10,7 @@ from typing import Callable
 from . import engine
 from .layout import installed_toto, locate
 from .patches import PATCHES
-from .render import as_text
+from .render import as_text, error_line
 
 
 def build_workspace(folder: Path) -> Path:
@@ -56,7 +56,7 @@ def run_demo(echo: Callable[[str], None], keep: bool = False) -> int:
         echo(f"\nrevert restored every file byte for byte: {'yes' if same else 'NO'}")
         return 0 if same else 1
     except engine.Abort as exc:
-        echo(f"totopatch: error: {exc}")
+        echo(error_line(str(exc)))
         return int(exc.code)
     finally:
         if keep:

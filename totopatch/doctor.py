@@ -22,6 +22,7 @@ from . import advice, environment, manifest as mf
 from .fsio import sha256
 from .outcome import Abort
 from .reading import read
+from .render import envelope, note_line
 from .layout import Layout, LayoutError, installed_toto, locate, state_dir_for, toto_version, user_state_dir
 from .patches import PATCHES
 from .spec import PatchRef
@@ -228,7 +229,7 @@ STATE_WORDS = {
 
 
 def as_json(doctor: Doctor) -> str:
-    return json.dumps({"schema": 1, "command": "doctor", "ok": doctor.code == OK, "exit_code": doctor.code,
+    return json.dumps({**envelope("doctor", doctor.code, None),
                        **{k: v for k, v in asdict(doctor).items() if k != "code"}}, indent=2)
 
 
@@ -242,7 +243,7 @@ def as_text(doctor: Doctor) -> str:
     out.append(f"cache       {cache.path} ({origin}; {'exists' if cache.exists else 'does not exist yet'})")
     out.append("advice      (break-even: forecasts per process from which compiling is faster overall)")
     out += [f"  {line}" for line in doctor.advice]
-    out += [f"problem: {p}" for p in doctor.problems]
+    out += [note_line(p, "problem") for p in doctor.problems]
     return "\n".join(out)
 
 
@@ -287,5 +288,5 @@ def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:
         value = "unset" if var.value is None else environment.shown_value(var.value)
         meaning = "" if var.value is None else var.meaning
         out.append(f"  {var.name:<31} {value:<16} {meaning}".rstrip())
-    out += [f"  note: {n}" for n in env.notes]
+    out += [f"  {note_line(n)}" for n in env.notes]
     return out

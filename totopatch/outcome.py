@@ -14,6 +14,8 @@ class Code(IntEnum):
     PERMISSION = 5  # a target or the state folder is not writable; nothing written
     LOCKED = 6  # another run holds the lock
     STATE = 7  # the manifest, journal or a backup cannot be trusted
+    INTERNAL = 70  # a bug in totopatch (sysexits' EX_SOFTWARE); the error names the exception and where
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 
 
 class State(str, Enum):
