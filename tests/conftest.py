@@ -82,5 +82,6 @@ def cli():
 @pytest.fixture(autouse=True)
 def _no_crash_hook(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.delenv("TOTOPATCH_TEST_CRASH_AT", raising=False)
+    monkeypatch.delenv("TOTOPATCH_SAMPLING", raising=False)  # a user's choice must not change what tests sample
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("user-state")))  # --installed state
     monkeypatch.chdir(os.getcwd())

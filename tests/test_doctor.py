@@ -85,6 +85,22 @@ def test_doctor_text_has_every_section(project, cli, monkeypatch, tmp_path) -> N
     assert not any(line.startswith("problem:") for line in lines)
 
 
+def test_doctor_says_which_sampling_forecasts_use_and_what_set_it(project, cli, monkeypatch) -> None:
+    assert cli(project, "apply", "kv-cache").exit_code == 0
+    assert "sampling    upstream's (shared-prefill not applied)" in cli(project, "doctor").stdout.splitlines()
+    assert cli(project, "apply", "shared-prefill", "--sampling", "same-law").exit_code == 0
+    lines = cli(project, "doctor").stdout.splitlines()
+    assert any(line.startswith("sampling    same-law (chosen at apply time): only the kept steps drawn") for line in lines)
+    monkeypatch.setenv("TOTOPATCH_SAMPLING", "Exact")
+    lines = cli(project, "doctor").stdout.splitlines()
+    assert "sampling    exact (TOTOPATCH_SAMPLING=Exact): upstream's samples for a seed" in lines
+    assert any(line.split()[:3] == ["TOTOPATCH_SAMPLING", "Exact", "sampling"] for line in lines)
+    monkeypatch.setenv("TOTOPATCH_SAMPLING", "fast")
+    data = json.loads(cli(project, "doctor", "--json").stdout)
+    assert (data["environment"]["sampling"], data["environment"]["sampling_set_by"]) == ("exact", "TOTOPATCH_SAMPLING=fast")
+    assert data["environment"]["notes"][-1].startswith("TOTOPATCH_SAMPLING=fast is not a sampling mode")
+
+
 def test_doctor_json_has_the_same_content(project, cli, monkeypatch) -> None:
     assert cli(project, "apply", "compile-mode").exit_code == 0
     monkeypatch.setenv("TOTO_COMPILE_MODE", "max-autotune")

@@ -172,3 +172,71 @@ def test_status_without_anything_applied_has_no_environment_note(project, cli, m
     ran = cli(project, "status")
     assert "TOTO_DISABLE_COMPILE" not in ran.stdout
     assert json.loads(cli(project, "status", "--json").stdout)["environment"]["compile"] == "off"
+
+
+# ---------------------------------------------------------------- the forecaster's sampling
+
+
+def sampling(env: dict, applied: dict | None = None) -> environment.Environment:
+    return read(env, PATCHES, ALL if applied is None else applied)
+
+
+@pytest.mark.parametrize("env, recorded, mode, set_by", [
+    pytest.param({}, None, "exact", "shared-prefill", id="unset-exact-by-default"),
+    pytest.param({}, "same-law", "same-law", "shared-prefill", id="unset-the-recorded-choice"),
+    pytest.param({"TOTOPATCH_SAMPLING": ""}, "same-law", "same-law", "shared-prefill", id="empty-counts-as-unset"),
+    pytest.param({"TOTOPATCH_SAMPLING": "  "}, "same-law", "same-law", "shared-prefill", id="blank-counts-as-unset"),
+    pytest.param({"TOTOPATCH_SAMPLING": "same-law"}, "same-law", "same-law", "TOTOPATCH_SAMPLING=same-law",
+                 id="the-same-as-recorded"),
+])
+def test_sampling_without_an_override_has_no_note(env, recorded, mode, set_by) -> None:
+    applied = ALL if recorded is None else {**ALL, "shared-prefill": {"sampling": recorded}}
+    found = sampling(env, applied)
+    assert (found.sampling, found.sampling_set_by, found.notes) == (mode, set_by, ())
+
+
+@pytest.mark.parametrize("value, recorded, mode", [
+    ("same-law", "exact", "same-law"),
+    (" Same-Law ", "exact", "same-law"),
+    ("EXACT", "same-law", "exact"),
+])
+def test_the_sampling_variable_overrides_the_recorded_choice(value, recorded, mode) -> None:
+    found = sampling({"TOTOPATCH_SAMPLING": value}, {**ALL, "shared-prefill": {"sampling": recorded}})
+    by = environment.shown("TOTOPATCH_SAMPLING", value)
+    assert (found.sampling, found.sampling_set_by) == (mode, by)
+    (note,) = found.notes
+    assert note.startswith(f"{by} overrides the sampling chosen at apply time ({recorded}): forecasts sample {mode} (")
+    assert meaning(found, "TOTOPATCH_SAMPLING") == f"sampling {mode}, overriding {recorded} chosen at apply time"
+
+
+@pytest.mark.parametrize("value", ["samelaw", "fast", "same law", "1"])
+def test_an_unrecognised_sampling_is_exact_and_a_note(value) -> None:
+    found = sampling({"TOTOPATCH_SAMPLING": value}, {**ALL, "shared-prefill": {"sampling": "same-law"}})
+    assert found.sampling == "exact"
+    assert found.notes == (f"{environment.shown('TOTOPATCH_SAMPLING', value)} is not a sampling mode (exact, "
+                           "same-law): forecasts sample exact, and the forecaster warns once",)
+    assert meaning(found, "TOTOPATCH_SAMPLING").startswith("not a sampling mode")
+
+
+def test_the_sampling_variable_without_shared_prefill_has_no_effect_and_no_note() -> None:
+    applied = {k: v for k, v in ALL.items() if k != "shared-prefill"}
+    found = sampling({"TOTOPATCH_SAMPLING": "same-law"}, applied)
+    assert (found.sampling, found.sampling_set_by, found.notes) == (None, None, ())
+    assert meaning(found, "TOTOPATCH_SAMPLING") == "no effect: shared-prefill is not applied"
+    assert meaning(sampling({"TOTOPATCH_SAMPLING": "x"}, applied), "TOTOPATCH_SAMPLING").endswith(
+        "; no effect while shared-prefill is not applied")
+
+
+def test_status_and_verify_say_which_sampling_and_what_set_it(project, cli, monkeypatch) -> None:
+    assert cli(project, "apply", "--sampling", "same-law").exit_code == 0
+    data = json.loads(cli(project, "status", "--check", "--json").stdout)
+    assert (data["environment"]["sampling"], data["environment"]["sampling_set_by"]) == ("same-law", "shared-prefill")
+    monkeypatch.setenv("TOTOPATCH_SAMPLING", "exact")
+    ran = cli(project, "verify", "shared-prefill")
+    assert ran.exit_code == 0
+    assert ("note: TOTOPATCH_SAMPLING=exact overrides the sampling chosen at apply time (same-law): forecasts "
+            "sample exact (upstream's samples for a seed)") in ran.stdout
+    monkeypatch.setenv("TOTOPATCH_SAMPLING", "fast")
+    data = json.loads(cli(project, "status", "--check", "--json").stdout)
+    assert data["exit_code"] == 0 and data["environment"]["sampling"] == "exact"
+    assert any(n.startswith("TOTOPATCH_SAMPLING=fast is not a sampling mode") for n in data["notes"])

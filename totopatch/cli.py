@@ -20,7 +20,7 @@ import click
 
 from . import __version__, engine, environment, render, state
 from .engine import Code, Context, Report
-from .patches import COMPILE_MODES, PATCHES
+from .patches import COMPILE_MODES, PATCHES, SAMPLING_MODES
 from .render import Output
 from .smoke_run import BACKENDS, attach_smoke
 from .state import open_context
@@ -164,14 +164,20 @@ def list_patches(as_json_output: bool) -> Output:
 @click.option("--dry-run", is_flag=True, help="Print the unified diff; write nothing.")
 @click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default=None,
               help="The Toto loader's new default compile mode [default: the recorded one, else reduce-overhead].")
+@click.option("--sampling", type=click.Choice(SAMPLING_MODES), default=None,
+              help="shared-prefill's default sampling: exact (upstream's samples for a seed) or same-law (only the "
+              "kept steps drawn; the same distribution); TOTOPATCH_SAMPLING overrides it at run time "
+              "[default: the recorded one, else exact].")
 @click.option("--adopt-legacy", is_flag=True, help="Take over files edited by the old text-based script.")
 @json_option
 @click.pass_obj
-def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode: str | None, adopt_legacy: bool,
-          as_json_output: bool) -> Output:
+def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode: str | None, sampling: str | None,
+          adopt_legacy: bool, as_json_output: bool) -> Output:
     """Apply all default patches, or only those named."""
     refs = engine.select(PATCHES, patch_ids)
     options = {"compile_mode": compile_mode} if compile_mode else {}
+    if sampling:
+        options["sampling"] = sampling
     report = engine.apply(where.context(), refs, options, dry_run=dry_run, adopt_legacy=adopt_legacy)
     return _output(report, show_diff=dry_run)
 

@@ -275,6 +275,15 @@ def _state_text(patch: PatchState) -> str:
     return "; ".join(f"{t.file}: {STATE_WORDS[t.state]}" for t in targets)
 
 
+def _sampling_line(env: environment.Environment) -> str:
+    if env.sampling is None:
+        return f"sampling    upstream's ({environment.SAMPLING_PATCH} not applied)"
+    by = "chosen at apply time" if env.sampling_set_by == environment.SAMPLING_PATCH else env.sampling_set_by
+    what = {"exact": "upstream's samples for a seed",
+            "same-law": "only the kept steps drawn: upstream's distribution, not its samples for a seed"}[env.sampling]
+    return f"sampling    {env.sampling} ({by}): {what}"
+
+
 def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:
     compiles = {"on": "on", "off": "off: Toto runs eager",
                 "cuda": "on when Toto runs on CUDA (the loader's default)"}[env.compile]
@@ -283,7 +292,7 @@ def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:
     by = f" ({env.compile_set_by})" if env.compile_set_by else ""
     mode = env.mode or "the backtest's own default (compile-mode not applied)"
     source = "the patched default" if env.mode_set_by == "compile-mode" else env.mode_set_by
-    out = [f"compile     {compiles}{by}; mode {mode}" + (f" ({source})" if source else "")]
+    out = [f"compile     {compiles}{by}; mode {mode}" + (f" ({source})" if source else ""), _sampling_line(env)]
     for var in env.variables:
         value = "unset" if var.value is None else environment.shown_value(var.value)
         meaning = "" if var.value is None else var.meaning

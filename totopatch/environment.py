@@ -1,4 +1,5 @@
-"""What the environment of a run makes of the patches: the backtest loader's compile variables.
+"""What the environment of a run makes of the patches: the backtest loader's compile variables, and the
+patched forecaster's sampling variable.
 
 Pure: an environment mapping and the patches in effect go in, findings come out.  The loader reads:
 
@@ -10,13 +11,17 @@ Pure: an environment mapping and the patches in effect go in, findings come out.
   ``TOTO_DISABLE_COMPILE``/``MARKETSIM_TOTO_DISABLE_COMPILE`` turn compile off when true; otherwise
   ``TOTO_COMPILE``/``MARKETSIM_TOTO_COMPILE`` switch it on or off when set; otherwise the loader
   compiles when Toto runs on CUDA.
+
+The forecaster that ``shared-prefill`` patches reads ``TOTOPATCH_SAMPLING`` on every forecast: ``exact``
+or ``same-law`` (any case, spaces stripped) overrides the sampling chosen at apply time; an empty or blank
+value counts as unset; any other value samples exactly (the forecaster warns once).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from .patches import COMPILE_MODES
+from .patches import COMPILE_MODES, SAMPLING_MODES
 from .spec import PatchRef
 
 TRUE_VALUES = ("1", "true", "yes", "on")
@@ -24,8 +29,12 @@ FALSE_VALUES = ("0", "false", "no", "off")
 MODE_VARIABLES = ("REAL_TOTO_COMPILE_MODE", "TOTO_COMPILE_MODE")
 DISABLE_VARIABLES = ("TOTO_DISABLE_COMPILE", "MARKETSIM_TOTO_DISABLE_COMPILE")
 ENABLE_VARIABLES = ("TOTO_COMPILE", "MARKETSIM_TOTO_COMPILE")
-VARIABLES = MODE_VARIABLES + DISABLE_VARIABLES + ENABLE_VARIABLES
-OVERRIDDEN_BY = {"compile_mode": MODE_VARIABLES}  # a patch option -> the variables that replace it at run time
+SAMPLING_VARIABLE = "TOTOPATCH_SAMPLING"
+VARIABLES = MODE_VARIABLES + DISABLE_VARIABLES + ENABLE_VARIABLES + (SAMPLING_VARIABLE,)
+# a patch option -> the variables that replace it at run time
+OVERRIDDEN_BY = {"compile_mode": MODE_VARIABLES, "sampling": (SAMPLING_VARIABLE,)}
+SAMPLING_PATCH = "shared-prefill"
+FALLBACK_SAMPLING = "exact"  # what the forecaster does with a value it does not recognise
 IN_EFFECT_STATES = ("applied", "drifted", "applied-unrecorded")  # the patched code is in the file
 _FLAG_VALUES = "/".join(TRUE_VALUES) + " or " + "/".join(FALSE_VALUES)
 
@@ -43,6 +52,8 @@ class Environment:
     compile_set_by: str | None  # "NAME=value" of the deciding variable; None for the default
     mode: str | None  # the compile mode the loader uses; None: the backtest's own literal, not known here
     mode_set_by: str | None  # the variable that sets it; None for the script's literal
+    sampling: str | None  # "exact" or "same-law"; None: shared-prefill is not in effect (upstream's sampler)
+    sampling_set_by: str | None  # "TOTOPATCH_SAMPLING=value", or "shared-prefill" (chosen at apply time)
     variables: tuple[Variable, ...]
     notes: tuple[str, ...]
 
@@ -63,12 +74,16 @@ def read(env: Mapping[str, str], patches: Sequence[PatchRef],
     patched_mode = _patched(patches, in_effect, "compile_mode")
     mode_var = next((n for n in MODE_VARIABLES if env.get(n)), None)
     mode = env[mode_var].strip() if mode_var else ""
-    variables = tuple(_meaning(env, name, compile_state, compile_by, mode_var, patched_mode) for name in VARIABLES)
+    patched_sampling = _patched(patches, in_effect, "sampling")
+    sampling, sampling_by, sampling_note = _sampling(env, patched_sampling)
+    variables = tuple(_sampling_meaning(env, patched_sampling) if name == SAMPLING_VARIABLE else
+                      _meaning(env, name, compile_state, compile_by, mode_var, patched_mode) for name in VARIABLES)
     notes = _flag_notes(env) + _off_note(compile_state, compile_by, patches, in_effect)
     if compile_state != "off" and mode_var and patched_mode and mode and mode != patched_mode:
         notes += (f"{shown(mode_var, env[mode_var])} overrides the patched default {patched_mode}" + _bad_mode(mode),)
+    notes += sampling_note
     return Environment(compile_state, compile_by, mode or patched_mode, mode_var if mode else
-                       ("compile-mode" if patched_mode else None), variables, notes)
+                       ("compile-mode" if patched_mode else None), sampling, sampling_by, variables, notes)
 
 
 def _compile(env: Mapping[str, str]) -> tuple[str, str | None]:
@@ -89,11 +104,53 @@ def _first_flag(env: Mapping[str, str], names: Sequence[str]) -> tuple[str | Non
 
 
 def _patched(patches: Sequence[PatchRef], in_effect: Mapping[str, Mapping[str, str]], option: str) -> str | None:
-    """The value a patch in effect set for ``option``, if any."""
+    """The value a patch in effect set for ``option`` (its declared default where none was recorded), if any."""
     for ref in patches:
         if ref.env_option == option and ref.id in in_effect:
-            return in_effect[ref.id].get(option)
+            return in_effect[ref.id].get(option, ref.options.get(option))
     return None
+
+
+def _sampling(env: Mapping[str, str], patched: str | None) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """The sampling forecasts use, what set it, and a note where the environment changes it."""
+    if patched is None:
+        return None, None, ()
+    value = env.get(SAMPLING_VARIABLE, "")
+    wanted = value.strip().lower()
+    if not wanted:
+        return patched, SAMPLING_PATCH, ()
+    by = shown(SAMPLING_VARIABLE, value)
+    if wanted not in SAMPLING_MODES:
+        return FALLBACK_SAMPLING, by, (f"{by} is not a sampling mode ({', '.join(SAMPLING_MODES)}): forecasts "
+                                       f"sample {FALLBACK_SAMPLING}, and the forecaster warns once",)
+    if wanted == patched:
+        return wanted, by, ()
+    return wanted, by, (f"{by} overrides the sampling chosen at apply time ({patched}): forecasts sample "
+                        f"{wanted}{_SAMPLING_WORDS[wanted]}",)
+
+
+_SAMPLING_WORDS = {"exact": " (upstream's samples for a seed)",
+                   "same-law": " (upstream's distribution, not its samples for a seed)"}
+
+
+def _sampling_meaning(env: Mapping[str, str], patched: str | None) -> Variable:
+    value = env.get(SAMPLING_VARIABLE)
+    if value is None:
+        return Variable(SAMPLING_VARIABLE, None, "unset")
+    wanted = value.strip().lower()
+    if not wanted:
+        text = ("empty: counts as unset" if not value else "blank: counts as unset")
+    elif wanted not in SAMPLING_MODES:
+        text = f"not a sampling mode ({', '.join(SAMPLING_MODES)}): the forecaster samples {FALLBACK_SAMPLING}"
+    elif patched is None:
+        return Variable(SAMPLING_VARIABLE, value, f"no effect: {SAMPLING_PATCH} is not applied")
+    elif wanted == patched:
+        text = f"sampling {wanted}, the same as chosen at apply time"
+    else:
+        text = f"sampling {wanted}, overriding {patched} chosen at apply time"
+    if patched is None:
+        text += f"; no effect while {SAMPLING_PATCH} is not applied"
+    return Variable(SAMPLING_VARIABLE, value, text)
 
 
 def _off_note(state: str, by: str | None, patches: Sequence[PatchRef],

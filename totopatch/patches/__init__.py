@@ -7,6 +7,8 @@ from __future__ import annotations
 from totopatch.spec import PatchRef
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# exact: upstream's random numbers (the same samples for a seed); same-law: only the kept steps drawn.
+SAMPLING_MODES = ("exact", "same-law")
 
 PATCHES: tuple[PatchRef, ...] = (
     # Not compiled_only: without .item() host syncs eager runs are faster too (same outputs): patched
@@ -18,7 +20,9 @@ PATCHES: tuple[PatchRef, ...] = (
     # shorten the first compiled call (28.1 s with, 27.2 s without, region_ab_h200_20261128_*); torch 2.13 on CPU
     # compiled 2.4x faster with it (compile_time_cpu_20261128.json).
     PatchRef("layer-region", "layer_region", ("transformer",), default=False, compiled_only=True),
-    PatchRef("shared-prefill", "shared_prefill", ("forecaster",)),
+    # Its sampling option is the forecaster's default; TOTOPATCH_SAMPLING overrides it on every forecast.
+    PatchRef("shared-prefill", "shared_prefill", ("forecaster",), env_option="sampling",
+             options={"sampling": "exact"}),
     PatchRef("compile-mode", "compile_mode", ("backtest",), compiled_only=True, env_option="compile_mode",
              options={"compile_mode": "reduce-overhead"}),
 )

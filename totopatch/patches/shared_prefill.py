@@ -8,6 +8,10 @@ sampling shape (the same call on the same shape, so the same random numbers for 
 the prefill's KV cache into each sampling batch's cache for the later steps.  The original name is
 then rebound to the subclass, so ``from toto.inference.forecaster import TotoForecaster`` gets it.
 
+The ``sampling`` option is the block's default sampling: ``exact`` (upstream's random numbers, the same
+samples for a seed) or ``same-law`` (only the kept steps drawn: upstream's distribution, other random
+numbers).  The block reads ``TOTOPATCH_SAMPLING`` on every forecast, and a value set there wins.
+
 The class is found by structure (the methods ``forecast``, ``generate_samples`` and
 ``create_affine_transformed``), not by name.  Because the block replaces what ``generate_samples``
 does, that method must be one this patch knows: its parameters and its code, compared token by
@@ -26,11 +30,14 @@ import libcst as cst
 
 from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
                                     template_text, uses_name)
+from totopatch.patches import SAMPLING_MODES, by_id
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
+DEFAULT_SAMPLING = by_id("shared-prefill").options["sampling"]  # declared once, in the registry
 NEW_CLASS = "TotoForecasterSharedPrefill"
 BEGIN, END = "# totopatch shared-prefill: begin", "# totopatch shared-prefill: end"
 _BASE = "__FORECASTER_BASE__"
+_SAMPLING = "__SAMPLING__"
 _METHODS = frozenset({"forecast", "generate_samples", "create_affine_transformed"})
 _PARAMS_013 = ("self", "inputs", "prediction_length", "num_samples", "timestamp_seconds", "time_interval_seconds",
                "input_padding_mask", "id_mask", "sampling_batch_size", "use_kv_cache")
@@ -129,17 +136,29 @@ def _template() -> str:
     return template_text("shared_prefill_template.py.txt")
 
 
-def _block(base: str) -> tuple[cst.BaseStatement, ...]:
-    """The template's statements for a forecaster class named ``base``."""
-    return template_block(_template().replace(_BASE, base))
+def _filled(base: str, sampling: str) -> str:
+    return _template().replace(_BASE, base).replace(_SAMPLING, sampling)
 
 
-def _block_code(base: str, module: cst.Module) -> list[str]:
-    """The code of ``_block(base)`` as ``module`` writes it (built once per newline and indent)."""
-    return list(template_code(_template().replace(_BASE, base), module))
+def _block(base: str, sampling: str) -> tuple[cst.BaseStatement, ...]:
+    """The template's statements for a forecaster class named ``base``, sampling ``sampling`` by default."""
+    return template_block(_filled(base, sampling))
+
+
+def _block_code(base: str, sampling: str, module: cst.Module) -> list[str]:
+    """The code of ``_block(base, sampling)`` as ``module`` writes it (built once per newline and indent)."""
+    return list(template_code(_filled(base, sampling), module))
+
+
+def _sampling(options: Options) -> str:
+    sampling = options.get("sampling", DEFAULT_SAMPLING)
+    if sampling not in SAMPLING_MODES:
+        raise Refusal(f"sampling option {sampling!r} is not a sampling mode ({', '.join(SAMPLING_MODES)})")
+    return sampling
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
+    sampling = _sampling(options)
     module = parse(source)
     body = list(module.body)
 
@@ -154,11 +173,19 @@ def rewrite(source: str, options: Options) -> Rewrite:
         raise Refusal(f"the shared-prefill block is not right after class {body[index].name.value}",  # type: ignore
                       lines((index, span.start)))
     base = body[index].name.value  # type: ignore[attr-defined]
-    if current == _block_code(base, module):
+    if current == _block_code(base, sampling, module):
         return Rewrite(source)
-    notes = ("replaced a shared-prefill block written by another totopatch version",) if span else ()
-    body[index + 1:index + 1 + len(span)] = _block(base)
+    notes = (_replaced(current, base, sampling, module),) if span else ()
+    body[index + 1:index + 1 + len(span)] = _block(base, sampling)
     return Rewrite(module.with_changes(body=body).code, notes)
+
+
+def _replaced(current: list[str], base: str, sampling: str, module: cst.Module) -> str:
+    """What replacing the block ``current`` changes: its default sampling, or the code of another version."""
+    was = next((m for m in SAMPLING_MODES if m != sampling and current == _block_code(base, m, module)), None)
+    if was is not None:
+        return f"switched the default sampling from {was} to {sampling}"
+    return "replaced a shared-prefill block written by another totopatch version"
 
 
 PATCH = Patch(
