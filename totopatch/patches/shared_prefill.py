@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
+from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, replace_body, template_code,
                                     template_text, uses_name)
 from totopatch.spec import Options, Patch, Refusal, Rewrite
 
@@ -129,18 +129,14 @@ def _template() -> str:
     return template_text("shared_prefill_template.py.txt")
 
 
-def _block(base: str) -> tuple[cst.BaseStatement, ...]:
-    """The template's statements for a forecaster class named ``base``."""
-    return template_block(_template().replace(_BASE, base))
-
-
 def _block_code(base: str, module: cst.Module) -> list[str]:
-    """The code of ``_block(base)`` as ``module`` writes it (built once per newline and indent)."""
+    """The code of the template's statements for a class named ``base`` as ``module`` writes it (built once per newline and indent)."""
     return list(template_code(_template().replace(_BASE, base), module))
 
 
 def rewrite(source: str, options: Options) -> Rewrite:
-    module = parse(source)
+    exact = parse(source)
+    module = exact.module
     body = list(module.body)
 
     def lines(indices: Iterable[int]) -> tuple[int, ...]:
@@ -157,8 +153,8 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if current == _block_code(base, module):
         return Rewrite(source)
     notes = ("replaced a shared-prefill block written by another totopatch version",) if span else ()
-    body[index + 1:index + 1 + len(span)] = _block(base)
-    return Rewrite(module.with_changes(body=body).code, notes)
+    # the block goes right after the class; only its lines change
+    return Rewrite(replace_body(exact, index + 1, index + 1 + len(span), _block_code(base, module)), notes)
 
 
 PATCH = Patch(
