@@ -43,8 +43,9 @@ class Patch:
     """One patch: pure ``source -> source`` functions plus the data the engine needs.
 
     ``rewrite`` must be idempotent (its own output comes back unchanged) and raise
-    ``Refusal`` for any shape it does not recognise.  ``adopt_legacy`` turns a file
-    edited by the old script back into the pre-legacy source, or raises ``Refusal``.
+    ``Refusal`` for any shape it does not recognise, also for a tree too deep to walk
+    (``@refuses_deep_trees``).  ``adopt_legacy`` turns a file edited by the old script
+    back into the pre-legacy source, or raises ``Refusal``.
     """
 
     id: str
@@ -54,15 +55,12 @@ class Patch:
     adopt_legacy: Callable[[str], str] | None = None
     default: bool = True
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rewrite", _refusing_deep_trees(self.rewrite))
 
-
-def _refusing_deep_trees(rewrite: RewriteFn) -> RewriteFn:
-    """``rewrite`` with a RecursionError turned into a Refusal: LibCST walks its trees recursively.
+def refuses_deep_trees(rewrite: RewriteFn) -> RewriteFn:
+    """Decorate a patch's ``rewrite``: a RecursionError becomes a Refusal (LibCST walks its trees recursively).
 
     Python's own parser gave up first where the file is too deep for Python (``textio.TooDeep``); this is
-    what Python parses but LibCST cannot walk, e.g. a sum of a few thousand terms in the statement a patch reads.
+    what Python parses but LibCST cannot walk, e.g. a sum of a few thousand terms in a statement a patch reads.
     """
     @functools.wraps(rewrite)
     def guarded(source: str, options: Options) -> Rewrite:
@@ -72,6 +70,7 @@ def _refusing_deep_trees(rewrite: RewriteFn) -> RewriteFn:
             raise Refusal("nested too deeply for LibCST (a RecursionError while walking its tree); Python can "
                           "parse it, but this patch cannot read it", hint="split the deep expression") from None
 
+    guarded.refuses_deep_trees = True  # type: ignore[attr-defined]
     return guarded
 
 

@@ -24,7 +24,7 @@ import libcst as cst
 
 from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, replace_body, template_code,
                                     template_text, uses_name)
-from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
+from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite, refuses_deep_trees
 from totopatch.textio import syntax_error
 
 NEW_CLASS = "KVCacheCompileFriendly"
@@ -148,6 +148,7 @@ def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatemen
                       lines(clash))
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     _refuse_legacy(source)
     exact = parse(source)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 
 from totopatch.patches._cst import joined, parse_python, split_lines, template_text
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NEW_CLASS = "TransformerLayerCompiledOnce"
 BEGIN, END = "# totopatch layer-region: begin", "# totopatch layer-region: end"
@@ -94,6 +94,7 @@ def _newline(lines: list[str]) -> str:
     return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
     lines = split_lines(source)

@@ -26,7 +26,7 @@ import libcst as cst
 
 from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, replace_body, template_code,
                                     template_text, uses_name)
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NEW_CLASS = "TotoForecasterSharedPrefill"
 BEGIN, END = "# totopatch shared-prefill: begin", "# totopatch shared-prefill: end"
@@ -134,6 +134,7 @@ def _block_code(base: str, module: cst.Module) -> list[str]:
     return list(template_code(_template().replace(_BASE, base), module))
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     exact = parse(source)
     module = exact.module
