@@ -161,3 +161,16 @@ def test_every_patch_on_a_whole_tree_variant_applies_and_reverts_exactly(tmp_pat
 
 def _bytes_and_modes(root: Path) -> dict[str, tuple[bytes, int]]:
     return {name: found[:2] for name, found in snapshot(root).items()}
+
+
+def test_a_line_libcst_cannot_give_back_is_refused_at_the_users_line() -> None:
+    """The proof before any output: where LibCST's code differs from what it read, the refusal names that line."""
+    import libcst as cst
+
+    from totopatch.patches._cst import Exact
+    from totopatch.spec import Refusal
+
+    exact = Exact(("x = 1\n", "y\f= 2\n"), ("x = 1\n", "y = 2\n"), cst.parse_module("x = 1\ny  = 2\n"), first_line=40)
+    with pytest.raises(Refusal) as refused:
+        exact.restore("x = 3\ny  = 2\n")
+    assert refused.value.at and refused.value.lines == (41,) and "y\\x0c= 2" in refused.value.reason

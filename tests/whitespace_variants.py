@@ -38,7 +38,9 @@ ENDINGS = ("\n", "\r", "\r\n")
 GAPS = ("\t", "\f", " \f ", "  ", "\t ")  # in place of one space between two tokens
 BLANKS = ("\n", "\r", "\r\n", "\f\n", "  \t\n", " \f \r\n", "\t\r")
 COOKIE = ("# -*- coding: latin-1 -*-\n", "# caf\xe9: a byte that only the cookie decodes\n")
-WHOLE = ("as-is", "cr-only", "crlf", "mixed", "bom", "cookie", "no-final-newline", "crlf-bom-no-final-newline")
+WHOLE = ("as-is", "cr-only", "crlf", "mixed", "bom", "cookie", "no-final-newline", "crlf-bom-no-final-newline",
+         "tabs")
+LIBCST_BLOCKS = {"kv-cache", "shared-prefill"}  # patches whose added lines take the file's indentation
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Edit:
     ending: str | None = None  # None: the line's own
     gap: tuple[int, str] | None = None  # (column of a one-space gap between tokens, what replaces it)
     before: tuple[str, ...] = ()  # whole lines inserted above it
+    tabs: bool = False  # each four spaces of the indentation as a tab
 
     def on(self, line: str) -> str:
         body = line.rstrip("\r\n")
@@ -58,7 +61,15 @@ class Edit:
             col, text = self.gap
             assert body[col] == " ", (body, col)
             body = body[:col] + text + body[col + 1:]
+        if self.tabs:
+            body = tabbed(body)
         return self.prefix + body + self.trailing + ending
+
+
+def tabbed(line: str) -> str:
+    """The line with each four spaces of its indentation as one tab."""
+    spaces = len(line) - len(line.lstrip(" "))
+    return "\t" * (spaces // 4) + line[spaces - spaces % 4:]
 
 
 Plan = dict[int, Edit]
@@ -200,6 +211,10 @@ def whole_file(case: Case, kind: str, plan: Plan, choose: Callable[[int], str]) 
         plan = {i: replace(e, before=tuple(x.rstrip("\r\n") + endings(i) for x in e.before)) for i, e in plan.items()}
     if kind in ("no-final-newline", "crlf-bom-no-final-newline") and case.lines[last].endswith(("\n", "\r")):
         plan[last] = replace(plan.get(last, Edit()), ending="")
+    if kind == "tabs":
+        for index in range(len(case.lines)):
+            if index not in case.starts_in_string:
+                plan[index] = replace(plan.get(index, Edit()), tabs=True)
     if kind == "cookie":
         first = plan.get(0, Edit())
         plan[0] = replace(first, before=COOKIE + first.before)
@@ -234,6 +249,8 @@ def build(case: Case, plan: Plan, kind: str = "as-is") -> Variant:
         index = case.origin[j]
         if index is None:
             body = line.rstrip("\r\n")
+            if kind == "tabs" and case.patch_id in LIBCST_BLOCKS:
+                body = _tabbed_block(case)[len([1 for _, added in pieces if added])].rstrip("\r\n")
             pieces.append((body + (newline if body != line else ""), True))
         else:
             edit = plan.get(index, Edit())
@@ -244,6 +261,23 @@ def build(case: Case, plan: Plan, kind: str = "as-is") -> Variant:
     expected = tuple(_text(p, newline, final) for p in _placements(pieces))
     return Variant(bom + text.encode(encoding), text, expected, lambda t: bom + t.encode(encoding),
                    frozenset(touched))
+
+
+_TABBED: dict[tuple[str, str], list[str]] = {}
+
+
+def _tabbed_block(case: Case) -> list[str]:
+    """The lines a LibCST patch adds to the source indented with tabs: its block in the file's indentation.
+
+    They are the patch's own code (LibCST re-indents statements, not docstrings or continuation lines),
+    so they are taken from the patch's output on the tab-indented source, matched like ``Case.origin``.
+    """
+    key = (case.patch_id, case.name)
+    if key not in _TABBED:
+        text = "".join(line if i in case.starts_in_string else tabbed(line) for i, line in enumerate(case.lines))
+        tabs = _case(case.patch_id, case.name, text)
+        _TABBED[key] = [line for line, origin in zip(tabs.out, tabs.origin) if origin is None]
+    return _TABBED[key]
 
 
 def _placements(pieces: list[tuple[str, bool]]) -> list[list[tuple[str, bool]]]:

@@ -116,20 +116,25 @@ class Exact:
         first = self.lines[0] if self.lines else "\n"
         return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
 
-    def restore(self, code: str, start: int = 0, stop: int | None = None) -> list[str]:
-        """The user's lines for ``code``, which replaces ``clean[start:stop]`` (statements' code from LibCST)."""
+    def restore(self, code: str) -> str:
+        """The user's bytes for ``code``, LibCST's code for the module after a change (in ``clean``'s terms).
+
+        Lines are matched one to one where the change kept their number (the patches that rewrite in
+        place), else by a diff; lines without a match are the patch's own, in the text's line ending.
+        """
         self.prove()
-        stop = len(self.clean) if stop is None else stop
-        old, new = self.clean[start:stop], split_lines(code)
-        if len(old) == len(new):
-            return [self._line(start + i, line) for i, line in enumerate(new)]
+        new = split_lines(code)
+        if len(new) == len(self.clean):
+            return "".join(self._line(i, line) for i, line in enumerate(new))
         out: list[str] = []
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        added: list[int] = []
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, self.clean, new, autojunk=False).get_opcodes():
             if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
-                out += [self._line(start + i1 + k, new[j1 + k]) for k in range(j2 - j1)]
+                out += [self._line(i1 + k, new[j1 + k]) for k in range(j2 - j1)]
             else:
+                added += range(len(out), len(out) + j2 - j1)
                 out += [self.added(line) for line in new[j1:j2]]
-        return out
+        return joined(out, set(added))
 
     def _line(self, index: int, new: str) -> str:
         user, clean = self.lines[index], self.clean[index]
@@ -263,7 +268,7 @@ def spliced(source: str, lines: list[str], changes: list[tuple[Segment, str]]) -
         if (start, end) not in replaced:
             continue
         segment = next(s for s, _ in changes if (s.start, s.end) == (start, end))
-        code = "".join(segment.exact.restore(replaced[(start, end)]))
+        code = segment.exact.restore(replaced[(start, end)])
         out += lines[done:start]
         shift = len(out) - start
         ranges += [(a + shift, b + shift) for a, b in old if done <= a and b <= start]
@@ -327,7 +332,7 @@ def parse_statements(source: str, hint: str, wanted: Callable[[ast.AST], bool]) 
 
 def splice(lines: list[str], segment: Segment, code: str) -> None:
     """Put a segment's new code (LibCST's) in place of its lines, in the user's bytes (segments are spliced last first)."""
-    lines[segment.start:segment.end] = [segment.indent + "".join(segment.exact.restore(code))]
+    lines[segment.start:segment.end] = [segment.indent + segment.exact.restore(code)]
 
 
 def segment_lines(segments: Iterable[Segment], nodes: Iterable[cst.CSTNode]) -> tuple[int, ...]:
