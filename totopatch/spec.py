@@ -1,17 +1,25 @@
 """The contract between the engine and the patch modules in ``totopatch/patches/``."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 
 class Refusal(Exception):
-    """The source does not have the shape a patch expects; nothing may be written."""
+    """The source does not have the shape a patch expects; nothing may be written.
 
-    def __init__(self, reason: str, lines: tuple[int, ...] = ()) -> None:
-        super().__init__(reason)
+    ``lines`` are 1-based line numbers for ``file:line`` reports: the candidates the patch saw, or with
+    ``at`` the one line the reason is about (a syntax error, a byte the patch cannot keep).  ``hint`` says
+    what to do; reports put it after the place.
+    """
+
+    def __init__(self, reason: str, lines: tuple[int, ...] = (), *, at: bool = False, hint: str = "") -> None:
+        super().__init__(f"{reason}; {hint}" if hint else reason)
         self.reason = reason
-        self.lines = lines  # 1-based line numbers of the candidates, for file:line reports
+        self.lines = lines
+        self.at = at
+        self.hint = hint
 
 
 class LegacyPatched(Refusal):
@@ -35,8 +43,9 @@ class Patch:
     """One patch: pure ``source -> source`` functions plus the data the engine needs.
 
     ``rewrite`` must be idempotent (its own output comes back unchanged) and raise
-    ``Refusal`` for any shape it does not recognise.  ``adopt_legacy`` turns a file
-    edited by the old script back into the pre-legacy source, or raises ``Refusal``.
+    ``Refusal`` for any shape it does not recognise, also for a tree too deep to walk
+    (``@refuses_deep_trees``).  ``adopt_legacy`` turns a file edited by the old script
+    back into the pre-legacy source, or raises ``Refusal``.
     """
 
     id: str
@@ -45,6 +54,24 @@ class Patch:
     rewrite: RewriteFn
     adopt_legacy: Callable[[str], str] | None = None
     default: bool = True
+
+
+def refuses_deep_trees(rewrite: RewriteFn) -> RewriteFn:
+    """Decorate a patch's ``rewrite``: a RecursionError becomes a Refusal (LibCST walks its trees recursively).
+
+    Python's own parser gave up first where the file is too deep for Python (``textio.TooDeep``); this is
+    what Python parses but LibCST cannot walk, e.g. a sum of a few thousand terms in a statement a patch reads.
+    """
+    @functools.wraps(rewrite)
+    def guarded(source: str, options: Options) -> Rewrite:
+        try:
+            return rewrite(source, options)
+        except RecursionError:
+            raise Refusal("nested too deeply for LibCST (a RecursionError while walking its tree); Python can "
+                          "parse it, but this patch cannot read it", hint="split the deep expression") from None
+
+    guarded.refuses_deep_trees = True  # type: ignore[attr-defined]
+    return guarded
 
 
 @dataclass(frozen=True)

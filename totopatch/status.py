@@ -91,8 +91,9 @@ def replaced(ctx: Context, entry: mf.Entry, current: str, manifest: mf.Manifest 
 
 
 def refusal_detail(exc: Refusal, display: str) -> str:
-    where = "; candidates: " + ", ".join(f"{display}:{n}" for n in exc.lines) if exc.lines else ""
-    return f"{exc.reason}{where}"
+    places = ", ".join(f"{display}:{n}" for n in exc.lines)
+    where = (" at " if exc.at else "; candidates: ") + places if exc.lines else ""
+    return f"{exc.reason}{where}" + (f"; {exc.hint}" if exc.hint else "")
 
 
 def options_text(options: Mapping[str, str]) -> str:

@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Iterable
+from typing import Callable, Container, Iterable, Sequence
 
 import libcst as cst
 
 from totopatch.spec import Refusal
-from totopatch.textio import parse_ast, syntax_error, vouch
+from totopatch.textio import Problem, parse_ast, parse_problem, split_python_lines as split_lines, vouch
 
 Lines = Callable[[Iterable[int]], tuple[int, ...]]  # line numbers of body statements, for refusals only
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 
 
 @functools.cache
@@ -23,13 +23,48 @@ def template_text(name: str) -> str:
     return resources.files("totopatch.patches").joinpath(name).read_text(encoding="utf-8")
 
 
-def parse(source: str) -> cst.Module:
-    try:
-        return cst.parse_module(source)
-    except cst.ParserSyntaxError as exc:
-        error = syntax_error(source)  # Python's own line for the error (LibCST reports where it gave up)
-        line = error[0] if error is not None and error[0] else exc.raw_line
-        raise Refusal(f"not valid Python: {exc.message}", (line,)) from None
+def parse(source: str) -> Exact:
+    """The whole module, checked by Python's own parser first (its grammar decides what is valid, at its line)."""
+    parse_python(source)
+    return parse_exact(source)
+
+
+def replace_body(exact: Exact, start: int, stop: int, code: Sequence[str]) -> str:
+    """The text with the top-level statements ``start:stop`` replaced by ``code`` (LibCST's, one string each).
+
+    Only those statements' lines change (with the comments and blank lines above them, which LibCST
+    counts as theirs); every other line is the user's, byte for byte.  The new lines take the text's
+    line ending, and a text without a final line ending keeps none.
+    """
+    exact.prove()
+    module = exact.module
+    above = sum(module.code_for_node(line).count("\n") for line in module.header)
+    counts = [module.code_for_node(statement).count("\n") for statement in module.body[:stop]]
+    first, last = above + sum(counts[:start]), above + sum(counts)
+    head, tail = list(exact.lines[:first]), list(exact.lines[last:])
+    new = [exact.added(line) for line in split_lines("".join(code))]
+    if head and not _ending(head[-1])[1]:
+        head[-1] += exact.newline  # the new code goes after the last line, which had no line ending
+    if new and not tail and exact.lines and not _ending(exact.lines[-1])[1]:
+        new[-1] = _ending(new[-1])[0]
+    return joined(head + new + tail, range(len(head), len(head) + len(new)))
+
+
+def joined(lines: Sequence[str], added: Container[int]) -> str:
+    """``lines`` as one text, where no added line merges with its neighbour into one line break.
+
+    A lone CR followed by a line that starts with LF is one CRLF to Python: the line between them would
+    vanish.  So an added line there takes the other one-byte ending (CR for a blank LF line, LF for a
+    line ending in CR), which Python and ``Exact.clean`` read alike.
+    """
+    out = list(lines)
+    for i in range(len(out) - 1):
+        if out[i].endswith("\r") and out[i + 1].startswith("\n"):
+            if i + 1 in added:
+                out[i + 1] = "\r" + out[i + 1][1:]
+            elif i in added:
+                out[i] = out[i][:-1] + "\n"
+    return "".join(out)
 
 
 def lines_of(module: cst.Module, nodes: Iterable[cst.CSTNode]) -> tuple[int, ...]:
@@ -38,6 +73,132 @@ def lines_of(module: cst.Module, nodes: Iterable[cst.CSTNode]) -> tuple[int, ...
 
     positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
     return tuple(positions[node].start.line for node in nodes)
+
+
+_LONE_CR = re.compile(r"\r(?!\n)")
+_FF_INDENT = re.compile(r"[ \t\f]*\f")
+
+
+@dataclass(frozen=True)
+class Exact:
+    """A text as LibCST reads it back byte for byte (``module``), and the way back to the user's bytes.
+
+    LibCST does not give back every byte Python accepts: it drops a form feed from a line's indentation
+    (or copies it onto the lines after, or refuses the block), and the last line's lone CR.  So it gets
+    ``clean``: the same lines, each lone CR as LF and each line's indentation cut after its last form
+    feed (Python's tokenizer resets the column there, so the cut changes nothing it sees; lines that
+    start inside a string keep theirs).  ``restore`` takes code in ``clean``'s terms back to the user's
+    bytes: an untouched line is the user's line, and a changed line keeps the user's cut indentation
+    and line ending.
+    """
+
+    lines: tuple[str, ...]
+    clean: tuple[str, ...]
+    module: cst.Module
+    first_line: int = 1  # the file's line number of ``lines[0]``, for refusals
+
+    def prove(self) -> None:
+        """Refuse, at the file's line, unless LibCST's code for ``module`` is ``clean`` byte for byte.
+
+        Run before any output is built from the module (a text that is only read needs no proof).
+        """
+        code = self.module.code
+        if code != "".join(self.clean):
+            again = split_lines(code)
+            index = next((i for i, (a, b) in enumerate(zip(self.clean, again)) if a != b),
+                         min(len(self.clean), len(again)) - 1)
+            raise Refusal(f"LibCST cannot give back this line byte for byte ({self.lines[index]!r})",
+                          (self.first_line + index,), at=True)
+
+    @property
+    def newline(self) -> str:
+        """The first line ending of the text (what LibCST takes as the module's), for the lines a patch adds."""
+        first = self.lines[0] if self.lines else "\n"
+        return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
+
+    def restore(self, code: str) -> str:
+        """The user's bytes for ``code``, LibCST's code for the module after a change (in ``clean``'s terms).
+
+        Lines are matched one to one where the change kept their number (the patches that rewrite in
+        place), else by a diff; lines without a match are the patch's own, in the text's line ending.
+        """
+        self.prove()
+        new = split_lines(code)
+        if len(new) == len(self.clean):
+            return "".join(self._line(i, line) for i, line in enumerate(new))
+        out: list[str] = []
+        added: list[int] = []
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, self.clean, new, autojunk=False).get_opcodes():
+            if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
+                out += [self._line(i1 + k, new[j1 + k]) for k in range(j2 - j1)]
+            else:
+                added += range(len(out), len(out) + j2 - j1)
+                out += [self.added(line) for line in new[j1:j2]]
+        return joined(out, set(added))
+
+    def _line(self, index: int, new: str) -> str:
+        user, clean = self.lines[index], self.clean[index]
+        if new == clean:
+            return user
+        cut = user[:len(user) - len(clean)]  # the indentation up to a form feed, or ""
+        body, ending = _ending(new)
+        return cut + body + (_ending(user)[1] if ending == _ending(clean)[1] else ending)
+
+    def added(self, line: str) -> str:
+        """A line the patch adds, in the text's line ending."""
+        body, ending = _ending(line)
+        return body + (self.newline if ending else "")
+
+
+def _ending(line: str) -> tuple[str, str]:
+    body = line.rstrip("\r\n")
+    return body, line[len(body):]
+
+
+def clean_lines(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The text's lines and the same lines as LibCST can give them back (see ``Exact``)."""
+    lines = tuple(split_lines(text))
+    if "\f" not in text and not _LONE_CR.search(text):
+        return lines, lines
+    in_string = _string_lines(text) if "\f" in text else frozenset()
+    clean = []
+    for index, line in enumerate(lines):
+        if line.endswith("\r"):
+            line = line[:-1] + "\n"
+        cut = _FF_INDENT.match(line) if index not in in_string else None
+        if cut is not None and line[cut.end():]:
+            line = line[cut.end():]
+        clean.append(line)
+    return lines, tuple(clean)
+
+
+def _string_lines(text: str) -> frozenset[int]:
+    """0-based lines that may start inside a string literal (all of them where Python cannot parse the text)."""
+    try:
+        tree = parse_ast(text)
+    except (SyntaxError, ValueError):
+        return frozenset(range(len(split_lines(text))))
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        end = getattr(node, "end_lineno", None)
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and end is not None and end > node.lineno:
+            inside.update(range(node.lineno, end))  # 1-based lines lineno+1..end, 0-based
+    return frozenset(inside)
+
+
+def parse_exact(text: str, first_line: int = 1) -> Exact:
+    """Parse ``text`` (lines ``first_line``... of its file) with LibCST, as it can give the text back (``Exact``).
+
+    A Refusal names the file's line where LibCST cannot parse the text; Python's parser is the judge of
+    validity and is asked first by the callers, so such a line is LibCST's limit, not the user's error.
+    """
+    lines, clean = clean_lines(text)
+    try:
+        module = cst.parse_module("".join(clean))
+    except cst.ParserSyntaxError as exc:
+        raise Refusal(f"LibCST cannot parse this valid Python ({exc.message.strip()})",
+                      (first_line - 1 + exc.raw_line,), at=True) from None
+    return Exact(lines, clean, module, first_line)
 
 
 @dataclass(frozen=True)
@@ -50,13 +211,12 @@ class Segment:
 
     start: int
     end: int
-    module: cst.Module
+    exact: Exact
     indent: str = ""
 
-
-def split_lines(source: str) -> list[str]:
-    """Lines with their endings, broken where Python breaks them (``\\n``, ``\\r\\n``, ``\\r``)."""
-    return _LINE.findall(source)
+    @property
+    def module(self) -> cst.Module:
+        return self.exact.module
 
 
 def parse_segments(source: str, wanted: Callable[[str], bool]) -> tuple[list[str], list[Segment]]:
@@ -71,10 +231,7 @@ def parse_segments(source: str, wanted: Callable[[str], bool]) -> tuple[list[str
     for start, end in _ranges(source):
         text = "".join(lines[start:end])
         if wanted(text):
-            try:
-                segments.append(Segment(start, end, cst.parse_module(text)))
-            except cst.ParserSyntaxError as exc:
-                raise Refusal(f"not valid Python: {exc.message}", (start + exc.raw_line,)) from None
+            segments.append(Segment(start, end, parse_exact(text, start + 1)))
     return lines, segments
 
 
@@ -89,6 +246,8 @@ def _ranges(source: str) -> list[tuple[int, int]]:
 
 def spliced(source: str, lines: list[str], changes: list[tuple[Segment, str]]) -> str:
     """``source`` (split into ``lines``) with the changed segments' lines replaced by their new code.
+
+    The code is LibCST's (``segment.module``'s terms); its lines go back to the user's bytes (``Exact.restore``).
 
     Python reads top-level statements independently: where one starts, at column 0, no bracket is
     open and no block goes on.  So when ``source`` parsed and each new code parses on its own,
@@ -108,7 +267,8 @@ def spliced(source: str, lines: list[str], changes: list[tuple[Segment, str]]) -
     for start, end in old:
         if (start, end) not in replaced:
             continue
-        code = replaced[(start, end)]
+        segment = next(s for s, _ in changes if (s.start, s.end) == (start, end))
+        code = segment.exact.restore(replaced[(start, end)])
         out += lines[done:start]
         shift = len(out) - start
         ranges += [(a + shift, b + shift) for a, b in old if done <= a and b <= start]
@@ -166,16 +326,13 @@ def parse_statements(source: str, hint: str, wanted: Callable[[ast.AST], bool]) 
             continue  # nested in the previous one (a fallback to the whole top-level statement)
         indent = lines[start][:col]
         text = lines[start][col:] + "".join(lines[start + 1:end])
-        try:
-            segments.append(Segment(start, end, cst.parse_module(text), indent))
-        except cst.ParserSyntaxError as exc:
-            raise Refusal(f"not valid Python: {exc.message}", (start + exc.raw_line,)) from None
+        segments.append(Segment(start, end, parse_exact(text, start + 1), indent))
     return lines, segments
 
 
 def splice(lines: list[str], segment: Segment, code: str) -> None:
-    """Put a segment's new code in place of its lines (segments are spliced last first)."""
-    lines[segment.start:segment.end] = [segment.indent + code]
+    """Put a segment's new code (LibCST's) in place of its lines, in the user's bytes (segments are spliced last first)."""
+    lines[segment.start:segment.end] = [segment.indent + segment.exact.restore(code)]
 
 
 def segment_lines(segments: Iterable[Segment], nodes: Iterable[cst.CSTNode]) -> tuple[int, ...]:
@@ -190,12 +347,12 @@ def segment_lines(segments: Iterable[Segment], nodes: Iterable[cst.CSTNode]) -> 
 
 
 def parse_python(source: str) -> ast.Module:
-    """Python's own parse of ``source`` (shared, cached), or a Refusal with Python's line."""
+    """Python's own parse of ``source`` (shared, cached), or a Refusal at Python's line saying what to do."""
     try:
         return parse_ast(source)
     except (SyntaxError, ValueError):
-        line, message = syntax_error(source) or (None, "does not parse")
-        raise Refusal(f"not valid Python: {message}", (line or 1,)) from None
+        problem = parse_problem(source) or Problem(None, "does not parse")
+        raise Refusal(problem.phrase, (problem.line,) if problem.line else (), at=True, hint=problem.hint) from None
 
 
 _SIMPLE = (ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Delete, ast.Raise, ast.Assert)

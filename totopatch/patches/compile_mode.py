@@ -17,7 +17,7 @@ import libcst as cst
 
 from totopatch.patches import COMPILE_MODES as MODES, by_id
 from totopatch.patches._cst import Segment, parse_segments, segment_lines, spliced
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 DEFAULT_MODE = by_id("compile-mode").options["compile_mode"]  # declared once, in the registry
 MODULE_SCOPE = "<module>"
@@ -192,6 +192,7 @@ def _mentions_toto(text: str) -> bool:
     return "TOTO" in text.upper()
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     mode = options.get("compile_mode", DEFAULT_MODE)
     lines, segments = parse_segments(source, _mentions_toto)

@@ -22,9 +22,9 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
+from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, replace_body, template_code,
                                     template_text, uses_name)
-from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite
+from totopatch.spec import LegacyPatched, Options, Patch, Refusal, Rewrite, refuses_deep_trees
 from totopatch.textio import syntax_error
 
 NEW_CLASS = "KVCacheCompileFriendly"
@@ -131,13 +131,8 @@ def _template() -> str:
     return template_text("kv_cache_template.py.txt")
 
 
-def _block(base: str) -> tuple[cst.BaseStatement, ...]:
-    """The template's statements for a cache class named ``base``."""
-    return template_block(_template().replace(_BASE, base))
-
-
 def _block_code(base: str, module: cst.Module) -> list[str]:
-    """The code of ``_block(base)`` as ``module`` writes it (built once per newline and indent)."""
+    """The code of the template's statements for a class named ``base`` as ``module`` writes it (built once per newline and indent)."""
     return list(template_code(_template().replace(_BASE, base), module))
 
 
@@ -153,9 +148,11 @@ def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatemen
                       lines(clash))
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     _refuse_legacy(source)
-    module = parse(source)
+    exact = parse(source)
+    module = exact.module
     body = list(module.body)
 
     def lines(indices: Iterable[int]) -> tuple[int, ...]:
@@ -171,8 +168,8 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if current == _block_code(cache.node.name.value, module):
         return Rewrite(source)
     notes = ("replaced a kv-cache block written by another totopatch version",) if span else ()
-    body[cache.index + 1:cache.index + 1 + len(span)] = _block(cache.node.name.value)
-    return Rewrite(module.with_changes(body=body).code, notes)
+    start = cache.index + 1  # the block goes right after the class; only its lines change
+    return Rewrite(replace_body(exact, start, start + len(span), _block_code(cache.node.name.value, module)), notes)
 
 
 # ---------------------------------------------------------------- the old text-based script

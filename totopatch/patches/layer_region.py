@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ast
 
-from totopatch.patches._cst import parse_python, split_lines, template_text
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.patches._cst import joined, parse_python, split_lines, template_text
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NEW_CLASS = "TransformerLayerCompiledOnce"
 BEGIN, END = "# totopatch layer-region: begin", "# totopatch layer-region: end"
@@ -94,6 +94,7 @@ def _newline(lines: list[str]) -> str:
     return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
     lines = split_lines(source)
@@ -109,14 +110,20 @@ def rewrite(source: str, options: Options) -> Rewrite:
         if end == len(lines) and lines and not lines[-1].endswith(("\n", "\r")):
             lines[-1] += newline
         lines[end:end] = [newline, newline, *wanted]
-        return Rewrite("".join(lines))
+        return Rewrite(joined(lines, range(end, end + 2 + len(wanted))))
     after = [n for n in tree.body if n.lineno - 1 < block[0]]
     if not after or after[-1] is not layer:
         raise Refusal(f"the layer-region block is not right after class {layer.name}", (layer.lineno, block[0] + 1))
-    if lines[block[0]:block[1] + 1] == wanted:
+    if list(map(_one_break, lines[block[0]:block[1] + 1])) == list(map(_one_break, wanted)):
         return Rewrite(source)
     lines[block[0]:block[1] + 1] = wanted
-    return Rewrite("".join(lines), ("replaced a layer-region block written by another totopatch version",))
+    return Rewrite(joined(lines, range(block[0], block[0] + len(wanted))),
+                   ("replaced a layer-region block written by another totopatch version",))
+
+
+def _one_break(line: str) -> str:
+    """The line with a lone CR ending as LF: ``joined`` may give the block's lines either, Python reads both alike."""
+    return line[:-1] + "\n" if line.endswith("\r") else line
 
 
 PATCH = Patch(

@@ -13,7 +13,7 @@ import ast
 import libcst as cst
 
 from totopatch.patches._cst import parse_statements, segment_lines, splice
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 SDPA = "scaled_dot_product_attention"
 
@@ -89,6 +89,7 @@ def _find(module: cst.Module) -> _FindCausalArgs:
     return finder
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     lines, segments = parse_statements(source, SDPA, _may_call_sdpa)
     finders = [_find(segment.module) for segment in segments]

@@ -28,10 +28,10 @@ from typing import Callable, Iterable
 
 import libcst as cst
 
-from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, template_block, template_code,
+from totopatch.patches._cst import (Lines, lines_of, marked_span, parse, replace_body, template_code,
                                     template_text, uses_name)
 from totopatch.patches import SAMPLING_MODES, by_id
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 DEFAULT_SAMPLING = by_id("shared-prefill").options["sampling"]  # declared once, in the registry
 NEW_CLASS = "TotoForecasterSharedPrefill"
@@ -140,13 +140,11 @@ def _filled(base: str, sampling: str) -> str:
     return _template().replace(_BASE, base).replace(_SAMPLING, sampling)
 
 
-def _block(base: str, sampling: str) -> tuple[cst.BaseStatement, ...]:
-    """The template's statements for a forecaster class named ``base``, sampling ``sampling`` by default."""
-    return template_block(_filled(base, sampling))
-
-
 def _block_code(base: str, sampling: str, module: cst.Module) -> list[str]:
-    """The code of ``_block(base, sampling)`` as ``module`` writes it (built once per newline and indent)."""
+    """The template's code for a class named ``base``, sampling ``sampling`` by default, as ``module`` writes it.
+
+    (Built once per newline and indent.)
+    """
     return list(template_code(_filled(base, sampling), module))
 
 
@@ -157,9 +155,11 @@ def _sampling(options: Options) -> str:
     return sampling
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     sampling = _sampling(options)
-    module = parse(source)
+    exact = parse(source)
+    module = exact.module
     body = list(module.body)
 
     def lines(indices: Iterable[int]) -> tuple[int, ...]:
@@ -176,8 +176,8 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if current == _block_code(base, sampling, module):
         return Rewrite(source)
     notes = (_replaced(current, base, sampling, module),) if span else ()
-    body[index + 1:index + 1 + len(span)] = _block(base, sampling)
-    return Rewrite(module.with_changes(body=body).code, notes)
+    # the block goes right after the class; only its lines change
+    return Rewrite(replace_body(exact, index + 1, index + 1 + len(span), _block_code(base, sampling, module)), notes)
 
 
 def _replaced(current: list[str], base: str, sampling: str, module: cst.Module) -> str:

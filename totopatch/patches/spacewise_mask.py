@@ -14,7 +14,7 @@ import ast
 import libcst as cst
 
 from totopatch.patches._cst import parse_statements, splice
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 OLD = "batch seq_len variate1 variate2 -> (batch seq_len) 1 variate1 variate2"
 NEW = "batch seq_len variate1 variate2 -> (batch seq_len) variate1 variate2"
@@ -79,6 +79,7 @@ def _find(module: cst.Module) -> _FindMaskCalls:
     return finder
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     lines, segments = parse_statements(source, "rearrange", _may_rearrange)
     finders = [_find(segment.module) for segment in segments]
