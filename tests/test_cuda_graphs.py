@@ -9,6 +9,7 @@ GPU are tested in test_gpu_cuda_graphs.py.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import re
@@ -284,7 +285,7 @@ def test_keys_hold_what_the_captured_kernels_depend_on(block) -> None:
         key(**call(64)), key(**call(32, batch=2)), key(**call(32, variates=2)),
         key(inputs=kwargs["inputs"].double()), key(input_padding_mask=kwargs["input_padding_mask"].float()),
         key(id_mask=kwargs["id_mask"].long()), key(inputs=kwargs["inputs"].transpose(1, 2).contiguous().transpose(1, 2)),
-        key(num_exogenous_variables=1), key(tiny(1)),
+        key(tiny(1)),
     ]
     assert all(k is not None and k != base for k in different)
     assert len(set(different)) == len(different)
@@ -304,6 +305,14 @@ def test_keys_hold_what_the_captured_kernels_depend_on(block) -> None:
         torch.backends.cuda.matmul.allow_tf32 = previous
     with torch.inference_mode():
         assert key() != base
+    assert key(num_exogenous_variables=torch.tensor([2])) == base  # read only with variate labels
+    labelled = tiny()
+    labelled.enable_variate_labels()
+    labelled.eval()  # the labels' module is made in training mode
+    counts = [key(labelled, num_exogenous_variables=n) for n in (0, 1, torch.tensor([1]), torch.tensor([1]))]
+    assert counts[0] != counts[1] and counts[2] == counts[3] and None not in counts  # a count by its value
+    assert block["_totopatch_graph_key"](labelled, True, {**call(32), "num_exogenous_variables": torch.ones(1, device="meta")},
+                                         run.backend, run.failed) == (None, "an exogenous-variable count on the device")
     model.load_state_dict(tiny(2).state_dict())  # written in place: the same addresses, read by the graph
     assert key() == base
     model.load_state_dict(tiny(2).state_dict(), assign=True)  # new tensors
@@ -427,3 +436,33 @@ def test_at_most_kept_graphs_least_recently_used_evicted(block, kept: int, lengt
     assert run.captures == reference.misses and run.replays == len(lengths) - reference.misses
     assert [key[3][0][0][-1] for key in run.graphs] == reference.keys
     assert len(run.backend.retired) == reference.misses - len(reference.keys)
+
+
+@pytest.fixture(scope="module")
+def forecaster_module(tmp_path_factory):
+    """The installed forecaster.py with shared-prefill and cuda-graphs, loaded beside it (its relative imports hold)."""
+    path = tmp_path_factory.mktemp("forecaster") / "forecaster_graphs.py"
+    path.write_text(cuda_graphs.rewrite(stacked(), {}).source)
+    spec = importlib.util.spec_from_file_location("toto.inference.forecaster_graphs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_through_the_forecaster_each_key_is_captured_once_then_replayed(forecaster_module, monkeypatch) -> None:
+    """The users' call: the batch's collated exogenous count is a new tensor every forecast, the key still holds."""
+    from totopatch.smoke import make_series
+
+    module = forecaster_module
+    run = module._TotopatchGraphRunner(FakeBackend(vars(module)))
+    monkeypatch.setattr(module, "_totopatch_prefill", run)
+    forecaster = module.TotoForecaster(tiny())
+    for length in (29, 29, 45, 29, 45):
+        series = make_series(1, length, "cpu")
+        drawn = []
+        for graphs in ("0", "1"):
+            monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", graphs)
+            torch.manual_seed(11)
+            drawn.append(forecaster.forecast(series, prediction_length=1, num_samples=64, samples_per_batch=16).samples)
+        assert torch.equal(*drawn)
+    assert (run.captures, run.replays, run.backend.replays) == (2, 3, 3)

@@ -108,12 +108,13 @@ def worker(args: argparse.Namespace) -> None:
                    graphs=len(runner.graphs), eager=dict(runner.eager))
     torch.save({"cold": cold_samples, "warm": last}, Path(args.samples))
     if args.row.startswith("graphs") and runner is not None and runner.captures:
-        row["parts_us"] = parts(torch, module, runner, backbone, forecaster, calls, scen)
+        row["parts_us"] = parts(torch, module, runner, backbone, forecaster, calls, scen, sync)
         row["profile"] = profile(torch, lambda: one(len(calls) - 1, calls[-1][2]))
     Path(args.result).write_text(json.dumps(row, indent=1, default=str))
 
 
-def parts(torch: Any, module: Any, runner: Any, backbone: Any, forecaster: Any, calls: list, scen: dict) -> dict:
+def parts(torch: Any, module: Any, runner: Any, backbone: Any, forecaster: Any, calls: list, scen: dict,
+          sync: Any) -> dict:
     """Each part of a warm graph prefill timed alone, for the longest context (microseconds, median)."""
     seen: dict[str, Any] = {}
     hook = module._totopatch_prefill
@@ -128,25 +129,28 @@ def parts(torch: Any, module: Any, runner: Any, backbone: Any, forecaster: Any, 
                             samples_per_batch=scen["samples_per_batch"])
     finally:
         module._totopatch_prefill = hook
-    key, _ = module._totopatch_graph_key(backbone, True, seen, runner.backend, runner.failed)
-    graph = runner.graphs[key]
+    with torch.no_grad():
+        key, why = module._totopatch_graph_key(backbone, True, seen, runner.backend, runner.failed)
+    graph = runner.graphs.get(key)
+    if graph is None:
+        return {"error": f"no graph for the last call's key ({why})"}
     check = module._totopatch_id_mask_check(backbone)
 
-    def timed(run: Any, n: int = 200, sync: bool = True) -> float:
+    def timed(run: Any, n: int = 200, wait: bool = True) -> float:
         samples = []
         for _ in range(n):
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             run()
-            if sync:
-                torch.cuda.synchronize()
+            if wait:
+                sync()
             samples.append(time.perf_counter() - start)
         return round(statistics.median(samples) * 1e6, 1)
 
     with torch.no_grad():
         return {
             "key": timed(lambda: module._totopatch_graph_key(backbone, True, seen, runner.backend, runner.failed),
-                         sync=False),
+                         wait=False),
             "id_mask_check": timed(lambda: check(seen["id_mask"], backbone.patch_embed.patch_size)),
             "head": timed(lambda: backbone.output_distribution(graph.outputs[0])),
             "replay_with_head": timed(lambda: runner.replay(graph, backbone, seen)),
