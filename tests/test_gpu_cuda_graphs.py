@@ -105,7 +105,8 @@ def test_a_failed_capture_falls_back_logged_once_and_leaves_the_device_usable(fo
     case = found["patched"]["cases"]["failure"]
     assert "error" not in case, case
     assert case["equal"] == [True, True, True] and case["healthy_after"] == [True, True]
-    assert case["delta"]["failures"] == 1 and case["delta"]["captures"] == 1  # the healthy model's
+    assert case["delta"]["failures"] == 1 and case["delta"]["captures"] == 0  # then eager for the whole process
+    assert case["eager_delta"]["a capture failed earlier in this process"] == 4
     assert found["patched"]["counts"]["failures"] == 1  # no other case's capture failed
     (warning,) = case["warnings"]
     assert "could not be captured" in warning and "TOTOPATCH_CUDA_GRAPHS=0" in warning
