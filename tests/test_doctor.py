@@ -80,6 +80,7 @@ def test_doctor_text_has_every_section(project, cli, monkeypatch, tmp_path) -> N
     assert sum(line.startswith("  kv-cache ") and "applied" in line for line in lines) == 1
     assert any(line.startswith("compile     off: Toto runs eager (TOTO_DISABLE_COMPILE=1)") for line in lines)
     assert any(line.split()[:3] == ["TOTO_DISABLE_COMPILE", "1", "compile"] for line in lines)
+    assert "graphs      on: one-step prefills on CUDA replay from captured CUDA graphs when Toto runs eager" in lines
     assert f"cache       {tmp_path / 'inductor'} (TORCHINDUCTOR_CACHE_DIR; does not exist yet)" in lines
     assert any("compiling pays off from" in line for line in lines)
     assert not any(line.startswith("problem:") for line in lines)
@@ -107,10 +108,24 @@ def test_doctor_json_has_the_same_content(project, cli, monkeypatch) -> None:
     data = json.loads(cli(project, "doctor", "--json").stdout)
     assert {"python", "torch", "toto", "patches", "environment", "compile_cache", "advice", "problems"} <= set(data)
     states = {p["patch"]: p["state"] for p in data["patches"]}
-    assert states == {"kv-cache": "not-recorded", "sdpa-causal": "not-recorded", "spacewise-mask": "not-recorded",
-                      "layer-region": "not-recorded", "shared-prefill": "not-recorded", "compile-mode": "applied"}
+    assert states == {p.id: "applied" if p.id == "compile-mode" else "not-recorded" for p in PATCHES}
+    assert data["environment"]["graphs"] == "not applied"
     assert data["environment"]["notes"] == ["TOTO_COMPILE_MODE=max-autotune overrides the patched default reduce-overhead"]
     assert data["toto"]["tree_is_patched"] is False and data["exit_code"] == 0
+
+
+def test_doctor_reports_the_cuda_graphs_switch(project, cli, monkeypatch) -> None:
+    assert cli(project, "apply").exit_code == 0
+    monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", "0")
+    lines = cli(project, "doctor").stdout.splitlines()
+    assert "graphs      off (TOTOPATCH_CUDA_GRAPHS=0): one-step prefills run eagerly" in lines
+    assert any(line.split()[:2] == ["TOTOPATCH_CUDA_GRAPHS", "0"] and line.endswith("run without them")
+               for line in lines)
+    assert "  note: TOTOPATCH_CUDA_GRAPHS=0: cuda-graphs is off at run time; one-step prefills run without CUDA " \
+           "graphs" in lines
+    monkeypatch.delenv("TOTOPATCH_CUDA_GRAPHS")
+    lines = cli(project, "doctor").stdout.splitlines()
+    assert any(line.startswith("graphs      on: ") and line.endswith("unless compile is off") for line in lines)
 
 
 def test_patched_copy_not_imported_is_a_problem(project, cli) -> None:

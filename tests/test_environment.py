@@ -10,6 +10,7 @@ from totopatch.patches import PATCHES
 
 ALL = {p.id: {} for p in PATCHES if p.default} | {"compile-mode": {"compile_mode": "reduce-overhead"}}  # what a plain apply applies
 COMPILED_ONLY = "sdpa-causal, spacewise-mask and compile-mode have no effect at run time"
+EAGER = "kv-cache, scaler-constant, id-mask-check, shared-prefill and cuda-graphs do"
 
 
 @pytest.fixture(autouse=True)
@@ -48,19 +49,45 @@ def test_compile_switches(env, compile_state, set_by) -> None:
 
 def test_disable_names_the_variable_and_what_still_takes_effect() -> None:
     found = read({"TOTO_DISABLE_COMPILE": "1"}, PATCHES, ALL)
-    assert found.notes == (f"TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; kv-cache and shared-prefill do",)
+    assert found.notes == (f"TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; {EAGER}",)
     assert meaning(found, "TOTO_DISABLE_COMPILE") == "compile off: Toto runs eager"
 
 
 def test_a_patch_that_works_eagerly_is_named_only_once_it_is_registered() -> None:
-    applied = {k: v for k, v in ALL.items() if k != "shared-prefill"}
+    applied = {k: v for k, v in ALL.items() if k not in ("shared-prefill", "cuda-graphs")}
     (note,) = read({"TOTO_COMPILE": "0"}, PATCHES, applied).notes
-    assert note.endswith("; kv-cache does; shared-prefill would, but is not applied")
-    unregistered = tuple(p for p in PATCHES if p.id != "shared-prefill")
+    assert note.endswith("; kv-cache, scaler-constant and id-mask-check do; "
+                         "shared-prefill and cuda-graphs would, but are not applied")
+    unregistered = tuple(p for p in PATCHES if p.id not in ("shared-prefill", "cuda-graphs"))
     (note,) = read({"TOTO_COMPILE": "0"}, unregistered, applied).notes
-    assert note.endswith("; kv-cache does") and "shared-prefill" not in note
+    assert note.endswith("; kv-cache, scaler-constant and id-mask-check do") and "shared-prefill" not in note
     (note,) = read({"TOTO_COMPILE": "0"}, PATCHES, ALL).notes
-    assert note.endswith("; kv-cache and shared-prefill do")
+    assert note.endswith(f"; {EAGER}")
+
+
+@pytest.mark.parametrize("value, graphs, meaning_text", [
+    pytest.param("0", "off", "CUDA graphs off: one-step prefills run without them", id="zero"),
+    pytest.param(" Off ", "off", "CUDA graphs off: one-step prefills run without them", id="off-any-case"),
+    pytest.param("1", "on", "CUDA graphs on (the default)", id="one"),
+    pytest.param("maybe", "on", "not a recognised value (1/true/yes/on or 0/false/no/off): ignored, "
+                 "the CUDA graphs stay on", id="unrecognised"),
+])
+def test_the_cuda_graphs_switch(value: str, graphs: str, meaning_text: str) -> None:
+    found = read({"TOTOPATCH_CUDA_GRAPHS": value}, PATCHES, ALL)
+    assert found.graphs == graphs and meaning(found, "TOTOPATCH_CUDA_GRAPHS") == meaning_text
+    off = [n for n in found.notes if "cuda-graphs is off" in n]
+    assert (found.graphs_set_by, off) == ((f"TOTOPATCH_CUDA_GRAPHS={environment.shown_value(value)}", [
+        f"TOTOPATCH_CUDA_GRAPHS={environment.shown_value(value)}: cuda-graphs is off at run time; "
+        "one-step prefills run without CUDA graphs"]) if graphs == "off" else (None, []))
+    assert any("is not a recognised value" in n for n in found.notes) == (value == "maybe")
+
+
+def test_the_cuda_graphs_switch_without_the_patch() -> None:
+    applied = {k: v for k, v in ALL.items() if k != "cuda-graphs"}
+    found = read({"TOTOPATCH_CUDA_GRAPHS": "0"}, PATCHES, applied)
+    assert (found.graphs, found.graphs_set_by, found.notes) == ("not applied", None, ())
+    assert meaning(found, "TOTOPATCH_CUDA_GRAPHS") == "no effect: cuda-graphs is not applied"
+    assert read({}, PATCHES, ALL).graphs == "on"
 
 
 def test_no_note_when_no_compile_only_patch_is_applied() -> None:
@@ -141,7 +168,7 @@ def test_status_notes_the_environment_and_keeps_its_exit_code(project, cli, monk
     monkeypatch.setenv("TOTO_COMPILE_MODE", "max-autotune")
     ran = cli(project, "status", "--check")
     assert ran.exit_code == 0
-    assert f"note: TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; kv-cache and shared-prefill do" in ran.stdout
+    assert f"note: TOTO_DISABLE_COMPILE=1: Toto runs eager; {COMPILED_ONLY}; {EAGER}" in ran.stdout
 
 
 def test_status_json_has_a_structured_environment(project, cli, monkeypatch) -> None:

@@ -42,8 +42,9 @@ def test_list_names_every_patch(project, cli) -> None:
     ran = cli(project, "list")
     assert ran.exit_code == 0
     assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "spacewise-mask",
-                                                                        "layer-region", "shared-prefill",
-                                                                        "compile-mode"]
+                                                                        "layer-region", "scaler-constant",
+                                                                        "id-mask-check", "shared-prefill",
+                                                                        "cuda-graphs", "compile-mode"]
 
 
 def test_apply_all_status_verify_revert(project, cli) -> None:
@@ -53,7 +54,9 @@ def test_apply_all_status_verify_revert(project, cli) -> None:
     states = {(i["patch"], i["target"]): i["state"] for i in json.loads(cli(project, "status", "--json").stdout)["items"]}
     assert states == {("kv-cache", "util"): "applied", ("kv-cache", "util_optimized"): "not-present",
                       ("sdpa-causal", "attention"): "applied", ("spacewise-mask", "transformer"): "applied",
-                      ("shared-prefill", "forecaster"): "applied", ("compile-mode", "backtest"): "applied"}
+                      ("scaler-constant", "scaler"): "applied", ("id-mask-check", "embedding"): "applied",
+                      ("shared-prefill", "forecaster"): "applied", ("cuda-graphs", "forecaster"): "applied",
+                      ("compile-mode", "backtest"): "applied"}
     assert cli(project, "status", "--check").exit_code == 0
     assert cli(project, "verify").exit_code == 0
     assert cli(project, "revert").exit_code == 0

@@ -284,6 +284,16 @@ def _sampling_line(env: environment.Environment) -> str:
     return f"sampling    {env.sampling} ({by}): {what}"
 
 
+def _graphs_text(env: environment.Environment) -> str:
+    """What cuda-graphs does at run time, as ``compile`` says what the loader does."""
+    if env.graphs == "not applied":
+        return "not applied (cuda-graphs): one-step prefills run eagerly"
+    if env.graphs == "off":
+        return f"off ({env.graphs_set_by}): one-step prefills run eagerly"
+    idle = "" if env.compile == "off" else "; idle while Toto is compiled, which the loader does unless compile is off"
+    return f"on: one-step prefills on CUDA replay from captured CUDA graphs when Toto runs eager{idle}"
+
+
 def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:
     compiles = {"on": "on", "off": "off: Toto runs eager",
                 "cuda": "on when Toto runs on CUDA (the loader's default)"}[env.compile]
@@ -293,6 +303,7 @@ def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:
     mode = env.mode or "the backtest's own default (compile-mode not applied)"
     source = "the patched default" if env.mode_set_by == "compile-mode" else env.mode_set_by
     out = [f"compile     {compiles}{by}; mode {mode}" + (f" ({source})" if source else ""), _sampling_line(env)]
+    out.append("graphs      " + _graphs_text(env))
     for var in env.variables:
         value = "unset" if var.value is None else environment.shown_value(var.value)
         meaning = "" if var.value is None else var.meaning

@@ -15,6 +15,10 @@ Pure: an environment mapping and the patches in effect go in, findings come out.
 The forecaster that ``shared-prefill`` patches reads ``TOTOPATCH_SAMPLING`` on every forecast: ``exact``
 or ``same-law`` (any case, spaces stripped) overrides the sampling chosen at apply time; an empty or blank
 value counts as unset; any other value samples exactly (the forecaster warns once).
+
+And ``cuda-graphs``' switch: ``TOTOPATCH_CUDA_GRAPHS`` set to ``0/false/no/off`` (any case) turns the graph path
+off; unset, a true value or a value it does not recognise leaves it on.  The graph path steps aside where Toto
+is compiled, so it acts only with compile off (``TOTO_DISABLE_COMPILE=1``) or where Toto runs eagerly.
 """
 from __future__ import annotations
 
@@ -30,11 +34,13 @@ MODE_VARIABLES = ("REAL_TOTO_COMPILE_MODE", "TOTO_COMPILE_MODE")
 DISABLE_VARIABLES = ("TOTO_DISABLE_COMPILE", "MARKETSIM_TOTO_DISABLE_COMPILE")
 ENABLE_VARIABLES = ("TOTO_COMPILE", "MARKETSIM_TOTO_COMPILE")
 SAMPLING_VARIABLE = "TOTOPATCH_SAMPLING"
-VARIABLES = MODE_VARIABLES + DISABLE_VARIABLES + ENABLE_VARIABLES + (SAMPLING_VARIABLE,)
+GRAPHS_VARIABLE = "TOTOPATCH_CUDA_GRAPHS"
+VARIABLES = MODE_VARIABLES + DISABLE_VARIABLES + ENABLE_VARIABLES + (SAMPLING_VARIABLE, GRAPHS_VARIABLE)
 # a patch option -> the variables that replace it at run time
 OVERRIDDEN_BY = {"compile_mode": MODE_VARIABLES, "sampling": (SAMPLING_VARIABLE,)}
 SAMPLING_PATCH = "shared-prefill"
 FALLBACK_SAMPLING = "exact"  # what the forecaster does with a value it does not recognise
+GRAPHS_PATCH = "cuda-graphs"
 IN_EFFECT_STATES = ("applied", "drifted", "applied-unrecorded")  # the patched code is in the file
 _FLAG_VALUES = "/".join(TRUE_VALUES) + " or " + "/".join(FALSE_VALUES)
 
@@ -56,6 +62,8 @@ class Environment:
     sampling_set_by: str | None  # "TOTOPATCH_SAMPLING=value", or "shared-prefill" (chosen at apply time)
     variables: tuple[Variable, ...]
     notes: tuple[str, ...]
+    graphs: str = "not applied"  # cuda-graphs at run time: "on", "off" or "not applied"
+    graphs_set_by: str | None = None  # "TOTOPATCH_CUDA_GRAPHS=value" where that variable turns it off
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -76,14 +84,28 @@ def read(env: Mapping[str, str], patches: Sequence[PatchRef],
     mode = env[mode_var].strip() if mode_var else ""
     patched_sampling = _patched(patches, in_effect, "sampling")
     sampling, sampling_by, sampling_note = _sampling(env, patched_sampling)
+    graphs, graphs_by = _graphs(env, in_effect)
     variables = tuple(_sampling_meaning(env, patched_sampling) if name == SAMPLING_VARIABLE else
-                      _meaning(env, name, compile_state, compile_by, mode_var, patched_mode) for name in VARIABLES)
+                      _meaning(env, name, compile_state, compile_by, mode_var, patched_mode, graphs) for name in VARIABLES)
     notes = _flag_notes(env) + _off_note(compile_state, compile_by, patches, in_effect)
     if compile_state != "off" and mode_var and patched_mode and mode and mode != patched_mode:
         notes += (f"{shown(mode_var, env[mode_var])} overrides the patched default {patched_mode}" + _bad_mode(mode),)
     notes += sampling_note
+    if graphs_by:
+        notes += (f"{graphs_by}: {GRAPHS_PATCH} is off at run time; one-step prefills run without CUDA graphs",)
     return Environment(compile_state, compile_by, mode or patched_mode, mode_var if mode else
-                       ("compile-mode" if patched_mode else None), sampling, sampling_by, variables, notes)
+                       ("compile-mode" if patched_mode else None), sampling, sampling_by, variables, notes, graphs,
+                       graphs_by)
+
+
+def _graphs(env: Mapping[str, str], in_effect: Mapping[str, Mapping[str, str]]) -> tuple[str, str | None]:
+    """cuda-graphs at run time ("on", "off", "not applied") and the variable that turns it off, if any."""
+    if GRAPHS_PATCH not in in_effect:
+        return "not applied", None
+    value = env.get(GRAPHS_VARIABLE)
+    if value is not None and flag(value) is False:
+        return "off", shown(GRAPHS_VARIABLE, value)
+    return "on", None
 
 
 def _compile(env: Mapping[str, str]) -> tuple[str, str | None]:
@@ -179,8 +201,13 @@ def shown_value(value: str) -> str:
 
 
 def _flag_notes(env: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(f"{shown(name, env[name])} is not a recognised value ({_FLAG_VALUES}): the loader ignores it"
-                 for name in DISABLE_VARIABLES + ENABLE_VARIABLES if name in env and flag(env[name]) is None)
+    notes = tuple(f"{shown(name, env[name])} is not a recognised value ({_FLAG_VALUES}): the loader ignores it"
+                  for name in DISABLE_VARIABLES + ENABLE_VARIABLES if name in env and flag(env[name]) is None)
+    value = env.get(GRAPHS_VARIABLE)
+    if value and flag(value) is None:
+        notes += (f"{shown(GRAPHS_VARIABLE, value)} is not a recognised value ({_FLAG_VALUES}): "
+                  "the CUDA graphs stay on",)
+    return notes
 
 
 def _bad_mode(mode: str) -> str:
@@ -190,10 +217,12 @@ def _bad_mode(mode: str) -> str:
 
 
 def _meaning(env: Mapping[str, str], name: str, compile_state: str, compile_by: str | None,
-             mode_var: str | None, patched_mode: str | None) -> Variable:
+             mode_var: str | None, patched_mode: str | None, graphs: str) -> Variable:
     value = env.get(name)
     if value is None:
         return Variable(name, None, "unset")
+    if name == GRAPHS_VARIABLE:
+        return Variable(name, value, _graphs_meaning(value, graphs))
     if name in MODE_VARIABLES:
         return Variable(name, value, _mode_meaning(name, value, compile_state, mode_var, patched_mode))
     pair = DISABLE_VARIABLES if name in DISABLE_VARIABLES else ENABLE_VARIABLES
@@ -236,3 +265,12 @@ def _flag_meaning(env: Mapping[str, str], name: str, pair: Sequence[str], compil
 
 def join(ids: Sequence[str]) -> str:
     return ids[0] if len(ids) == 1 else f"{', '.join(ids[:-1])} and {ids[-1]}"
+
+
+def _graphs_meaning(value: str, graphs: str) -> str:
+    reading = flag(value)
+    if graphs == "not applied":
+        return f"no effect: {GRAPHS_PATCH} is not applied"
+    if reading is None:
+        return f"not a recognised value ({_FLAG_VALUES}): ignored, the CUDA graphs stay on"
+    return "CUDA graphs on (the default)" if reading else "CUDA graphs off: one-step prefills run without them"

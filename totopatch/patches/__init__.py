@@ -20,9 +20,14 @@ PATCHES: tuple[PatchRef, ...] = (
     # shorten the first compiled call (28.1 s with, 27.2 s without, region_ab_h200_20261128_*); torch 2.13 on CPU
     # compiled 2.4x faster with it (compile_time_cpu_20261128.json).
     PatchRef("layer-region", "layer_region", ("transformer",), default=False, compiled_only=True),
+    # The two fixes a CUDA graph capture of the prefill needs; eager results stay bit-identical.
+    PatchRef("scaler-constant", "scaler_constant", ("scaler",)),
+    PatchRef("id-mask-check", "id_mask_check", ("embedding",)),
     # Its sampling option is the forecaster's default; TOTOPATCH_SAMPLING overrides it on every forecast.
     PatchRef("shared-prefill", "shared_prefill", ("forecaster",), env_option="sampling",
              options={"sampling": "exact"}),
+    # After shared-prefill, whose block it stacks on in the same file.  Eager only: it steps aside under torch.compile.
+    PatchRef("cuda-graphs", "cuda_graphs", ("forecaster",)),
     PatchRef("compile-mode", "compile_mode", ("backtest",), compiled_only=True, env_option="compile_mode",
              options={"compile_mode": "reduce-overhead"}),
 )

@@ -121,7 +121,7 @@ def _mentions(text: str) -> int:
 
 
 def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatement], lines: Lines,
-                 skip: range) -> None:
+                 skip: range | set[int]) -> None:
     if missing := [n for n in _NEEDED_IMPORTS if n not in _imported_names(body)]:
         raise Refusal(f"the module does not import {', '.join(missing)} at top level, which the shared prefill needs")
     if _mentions(source) == sum(map(_mentions, block_code)):
@@ -130,6 +130,13 @@ def _check_names(source: str, block_code: list[str], body: list[cst.BaseStatemen
     if clash:
         raise Refusal(f"the module already uses the name {NEW_CLASS} or a _totopatch_ name outside a "
                       "shared-prefill block", lines(clash))
+
+
+def _stacked(body: list[cst.BaseStatement], lines: Lines) -> range:
+    """The cuda-graphs block stacked on this one, whose ``_totopatch_`` names are its own."""
+    from totopatch.patches import cuda_graphs  # it imports this module
+
+    return marked_span(body, lines, cuda_graphs.BEGIN, cuda_graphs.END, "cuda-graphs")
 
 
 def _template() -> str:
@@ -168,7 +175,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
     span = marked_span(body, lines, BEGIN, END, "shared-prefill")
     index = _find_forecaster(body, lines, span)
     current = [module.code_for_node(s) for s in body[span.start:span.stop]]
-    _check_names(source, current, body, lines, span)
+    _check_names(source, current, body, lines, set(span) | set(_stacked(body, lines)))
     if span and span.start != index + 1:
         raise Refusal(f"the shared-prefill block is not right after class {body[index].name.value}",  # type: ignore
                       lines((index, span.start)))

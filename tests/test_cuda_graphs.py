@@ -1,0 +1,499 @@
+"""cuda-graphs: a block stacked on shared-prefill's; its runner's fallback choice, keys, checks and LRU bound on CPU.
+
+The runner logic is tested in this process: the block's text is executed with the installed Toto's
+``TotoBackbone`` and a CPU stand-in for the CUDA backend, whose "graph" re-runs the backbone from its static
+input tensors into its static output tensors, as a replay reads and writes them, and refuses to run
+where the model's parameters are not those it was captured with (a stale replay).  Capture and replay on a
+GPU are tested in test_gpu_cuda_graphs.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import re
+import shutil
+import weakref
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import snapshot
+from test_versions import package
+from totopatch.model_shape import toto_kwargs
+from totopatch.patches import cuda_graphs, shared_prefill
+from totopatch.patches._cst import template_text
+from totopatch.spec import Refusal
+
+VERSIONS = ["0.1.3", "0.1.4", "0.2.0"]
+NAMES = ("inputs", "input_padding_mask", "id_mask")
+
+
+def forecaster_source(version: str) -> str:
+    return (package(version) / "inference" / "forecaster.py").read_text()
+
+
+def stacked(version: str = "0.2.0") -> str:
+    return shared_prefill.rewrite(forecaster_source(version), {}).source
+
+
+def without_block(source: str) -> str:
+    start = source.index("\n\n\n" + cuda_graphs.BEGIN)
+    end = source.index(cuda_graphs.END) + len(cuda_graphs.END) + 1
+    return source[:start] + "\n" + source[end:]
+
+
+# ---------------------------------------------------------------- the rewrite
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fixes_every_release_right_after_the_shared_prefill_block(version: str) -> None:
+    before = stacked(version)
+    after = cuda_graphs.rewrite(before, {}).source
+    assert without_block(after) == before
+    assert cuda_graphs.rewrite(after, {}).source == after
+    assert shared_prefill.rewrite(after, {}).source == after  # its name check leaves the stacked block alone
+    compile(after, "forecaster.py", "exec")
+    head = after[:after.index(cuda_graphs.BEGIN)]
+    assert head.endswith(shared_prefill.END + "\n\n\n")
+    assert after.endswith("_totopatch_prefill = _totopatch_graphs  # totopatch cuda-graphs: end\n") or \
+        "_totopatch_prefill = _totopatch_graphs  # totopatch cuda-graphs: end\n\n" in after
+    assert not re.search(r"^\s*(import|from)\s+totopatch\b", after, re.M)
+
+
+def test_crlf_is_kept() -> None:
+    before = stacked().replace("\n", "\r\n")
+    after = cuda_graphs.rewrite(before, {}).source
+    assert after.count("\n") == after.count("\r\n") and cuda_graphs.rewrite(after, {}).source == after
+
+
+def test_an_outdated_block_is_replaced_with_a_note() -> None:
+    after = cuda_graphs.rewrite(stacked(), {}).source
+    old = after.replace("captured prefills kept per process", "graphs kept")
+    again = cuda_graphs.rewrite(old, {})
+    assert again.source == after and again.notes
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    pytest.param(lambda s: s.replace(shared_prefill.END, "# end"), "damaged shared-prefill block", id="damaged-prefill"),
+    pytest.param(lambda s: s.replace("from ..model.backbone import TotoBackbone\n", ""), "does not import TotoBackbone",
+                 id="no-backbone-import"),
+    pytest.param(lambda s: s + "\n_totopatch_mine = 1\n", "already uses a _totopatch_ name", id="name-clash"),
+    pytest.param(lambda s: s + "\ndef broken(:\n", "not valid Python", id="syntax"),
+])
+def test_refuses_unknown_shapes(mutate, reason: str) -> None:
+    with pytest.raises(Refusal, match=reason):
+        cuda_graphs.rewrite(mutate(stacked()), {})
+
+
+def test_refuses_without_the_shared_prefill_block() -> None:
+    with pytest.raises(Refusal, match="apply shared-prefill first"):
+        cuda_graphs.rewrite(forecaster_source("0.2.0"), {})
+
+
+def test_refuses_a_damaged_block_and_a_block_elsewhere() -> None:
+    after = cuda_graphs.rewrite(stacked(), {}).source
+    with pytest.raises(Refusal, match="damaged cuda-graphs block"):
+        cuda_graphs.rewrite(after.replace(cuda_graphs.END, "# end"), {})
+    block = after[after.index(cuda_graphs.BEGIN):after.index(cuda_graphs.END) + len(cuda_graphs.END) + 1]
+    moved = without_block(after).replace("\n\n\n@dataclass", "\n\n\n" + block + "\n\n@dataclass", 1)
+    with pytest.raises(Refusal, match="not right after the shared-prefill block"):
+        cuda_graphs.rewrite(moved, {})
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cli_stacks_it_on_shared_prefill_and_reverts_exactly(tmp_path, cli, version: str) -> None:
+    root = tmp_path / "checkout"
+    shutil.copytree(package(version), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    before = snapshot(root)
+    assert cli(root, "apply").exit_code == 0
+    status = json.loads(cli(root, "status", "shared-prefill", "cuda-graphs", "--json").stdout)["items"]
+    states = {i["patch"]: (i["state"], i["detail"]) for i in status}
+    assert states == {"shared-prefill": ("applied", "under cuda-graphs"), "cuda-graphs": ("applied", "")}
+    refused = cli(root, "revert", "shared-prefill")
+    assert refused.exit_code == 3 and "revert cuda-graphs first" in refused.stderr
+    assert cli(root, "revert", "cuda-graphs").exit_code == 0
+    assert cli(root, "status", "shared-prefill", "--check").exit_code == 0
+    assert cli(root, "apply", "cuda-graphs").exit_code == 0
+    assert cli(root, "revert").exit_code == 0
+    assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}
+
+
+def test_cli_refuses_it_alone(tmp_path, cli) -> None:
+    root = tmp_path / "checkout"
+    shutil.copytree(package("0.2.0"), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    ran = cli(root, "apply", "cuda-graphs")
+    assert ran.exit_code != 0 and "apply shared-prefill first" in ran.stdout + ran.stderr
+
+
+# ---------------------------------------------------------------- the runner, on CPU
+
+
+@pytest.fixture(scope="module")
+def block() -> dict:
+    """The block's names, executed with the installed Toto's backbone class (as forecaster.py imports it)."""
+    from toto.model.backbone import TotoBackbone
+
+    names = {"torch": torch, "TotoBackbone": TotoBackbone, "__name__": "toto.inference.forecaster"}
+    exec(compile(template_text("cuda_graphs_template.py.txt"), "cuda_graphs_template", "exec"), names)
+    names["_totopatch_fixed_in_the_tree"] = names["_totopatch_fixed"]
+    names["_totopatch_fixed"] = lambda model: True  # the installed Toto has neither fix; on the CPU they change nothing
+    return names
+
+
+def tiny(seed: int = 0) -> torch.nn.Module:
+    from toto.model.toto import Toto
+
+    torch.manual_seed(seed)
+    return Toto(**toto_kwargs("tiny")).model.eval()
+
+
+def call(length: int, batch: int = 1, variates: int = 3, seed: int = 1, ids: torch.Tensor | None = None,
+         dtype: torch.dtype = torch.float32) -> dict:
+    """The keyword arguments the shared-prefill block passes for a one-step prefill of a padded ``length``."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, variates, length, generator=generator).cumsum(-1).to(dtype) + 10
+    return {"inputs": inputs, "input_padding_mask": torch.ones_like(inputs, dtype=torch.bool),
+            "id_mask": torch.zeros_like(inputs, dtype=torch.int) if ids is None else ids,
+            "kv_cache": None, "scaling_prefix_length": None}
+
+
+class FakeGraph:
+    """A captured prefill's stand-in: replay re-runs the backbone from the static inputs into the static outputs."""
+
+    def __init__(self, backend: FakeBackend, model, inputs: dict, extra: dict, outputs: tuple) -> None:
+        self.backend, self.model, self.inputs, self.extra, self.outputs = backend, weakref.ref(model), inputs, extra, outputs
+        self.pointers = [p.data_ptr() for p in model.parameters()]
+
+    def replay(self) -> None:
+        model = self.model()
+        assert [p.data_ptr() for p in model.parameters()] == self.pointers, "a stale graph was replayed"
+        self.backend.replays += 1
+        for static, new in zip(self.outputs, model.backbone(**self.inputs, **self.extra)):
+            static.copy_(new)
+
+
+class FakeBackend:
+    """The CUDA backend's interface on the CPU; ``fail`` makes every capture raise it."""
+
+    def __init__(self, block: dict, fail: Exception | None = None) -> None:
+        self.block, self.fail = block, fail
+        self.replays = 0
+        self.retired: list = []
+
+    def refuses(self, device: torch.device) -> str | None:
+        return None if device.type == "cpu" else "not on the CPU"
+
+    def capture(self, model, kwargs: dict):
+        if self.fail is not None:
+            raise self.fail
+        inputs = {name: kwargs[name].clone() for name in NAMES}
+        extra = {k: v for k, v in kwargs.items() if k not in NAMES}
+        outputs = tuple(t.clone() for t in model.backbone(**inputs, **extra))
+        graph = FakeGraph(self, model, inputs, extra, outputs)
+        return self.block["_TotopatchGraph"](model, graph, inputs, outputs, kwargs["inputs"].device)
+
+    def ordered(self, device: torch.device):
+        return contextlib.nullcontext()
+
+    def retire(self, graphs: list) -> None:
+        self.retired += graphs
+
+
+def runner(block: dict, kept: int = 16, fail: Exception | None = None):
+    return block["_TotopatchGraphRunner"](FakeBackend(block, fail), kept)
+
+
+def same(a, b) -> bool:
+    """Two model outputs (distribution, loc, scale) with equal tensors."""
+    da, db = a[0], b[0]
+    params = [(da.mixture_distribution.probs, db.mixture_distribution.probs)]
+    params += [(getattr(da.component_distribution, n), getattr(db.component_distribution, n)) for n in ("df", "loc", "scale")]
+    pairs = params + [(a[1], b[1]), (a[2], b[2])]
+    return all(x.dtype == y.dtype and x.shape == y.shape and bool(((x == y) | (x.isnan() & y.isnan())).all())
+               for x, y in pairs)
+
+
+@torch.no_grad()
+def test_capture_then_replay_gives_eager_outputs(block) -> None:
+    model, run = tiny(), runner(block)
+    for seed in (1, 2, 3):
+        kwargs = call(32, seed=seed)
+        assert same(run(model, True, **kwargs), model(**kwargs))
+    assert (run.captures, run.replays, run.backend.replays) == (1, 2, 2)
+    assert type(run(model, True, **call(32))).__name__ == "TotoOutput"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case, reason", [
+    pytest.param(lambda m, k, b: (m, False, k), "multi-step forecast", id="multi-step"),
+    pytest.param(lambda m, k, b: (m, True, {**k, "kv_cache": object()}), "a KV cache or a scaling prefix", id="kv-cache"),
+    pytest.param(lambda m, k, b: (m, True, {**k, "scaling_prefix_length": 8}), "a KV cache or a scaling prefix",
+                 id="prefix"),
+    pytest.param(lambda m, k, b: (m.train(), True, k), "training mode", id="train"),
+    pytest.param(lambda m, k, b: (m, True, call(32 * 1024, variates=1)), "more than 16384 time steps", id="too-large"),
+    pytest.param(lambda m, k, b: (m, True, {**k, "inputs": k["inputs"].double()}), None, id="float64-is-fine"),
+    pytest.param(lambda m, k, b: (type(m).__new__(type("Mine", (type(m),), {"forward": lambda s, **a: None})),
+                                  True, k), "the model's forward is not Toto's", id="own-forward"),
+])
+def test_fallback_choice(block, case, reason) -> None:
+    model, kwargs, run = tiny(), call(32), runner(block)
+    model, one_step, kwargs = case(model, kwargs, block)
+    key, why = block["_totopatch_graph_key"](model, one_step, kwargs, run.backend, run.failed)
+    assert why == reason or (reason is not None and why is not None and why.startswith(reason))
+    assert (key is None) == (reason is not None)
+
+
+@torch.no_grad()
+def test_fallbacks_of_the_run_time(block, monkeypatch) -> None:
+    model, kwargs, run = tiny(), call(32), runner(block)
+    key = block["_totopatch_graph_key"]
+    for value in ("0", "off", " FALSE ", "no"):
+        monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", value)
+        assert key(model, True, kwargs, run.backend, run.failed) == (None, "TOTOPATCH_CUDA_GRAPHS turns CUDA graphs off")
+    for value in ("1", "on", "", "maybe"):  # on by default; a value the loader does not know leaves it on
+        monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", value)
+        assert key(model, True, kwargs, run.backend, run.failed)[0] is not None
+    monkeypatch.delenv("TOTOPATCH_CUDA_GRAPHS")
+    with torch.enable_grad():
+        assert key(model, True, kwargs, run.backend, run.failed) == (None, "autograd is on")
+    handle = model.transformer.register_forward_hook(lambda *a: None)
+    assert key(model, True, kwargs, run.backend, run.failed)[1].startswith("training mode, forward hooks")
+    handle.remove()
+    model.transformer.layers[0].compile()
+    assert key(model, True, kwargs, run.backend, run.failed)[1].startswith("training mode, forward hooks")
+    compiled = torch.compile(tiny())
+    assert key(compiled, True, kwargs, run.backend, run.failed) == (None, "compiled with torch.compile")
+    cuda = block["_TotopatchCudaGraphs"]()
+    assert key(tiny(), True, kwargs, cuda, run.failed) == (None, "not on CUDA")
+    assert key(tiny(), True, {**kwargs, "id_mask": kwargs["id_mask"].to("meta")}, run.backend, run.failed) == \
+        (None, "inputs on different devices")
+
+
+@torch.no_grad()
+def test_keys_hold_what_the_captured_kernels_depend_on(block) -> None:
+    run = runner(block)
+    model = tiny()
+
+    def key(m=model, **changes):
+        return block["_totopatch_graph_key"](m, True, {**call(32), **changes}, run.backend, run.failed)[0]
+
+    base = key()
+    assert base == key() and base is not None
+    kwargs = call(32)
+    different = [
+        key(**call(64)), key(**call(32, batch=2)), key(**call(32, variates=2)),
+        key(inputs=kwargs["inputs"].double()), key(input_padding_mask=kwargs["input_padding_mask"].float()),
+        key(id_mask=kwargs["id_mask"].long()), key(inputs=kwargs["inputs"].transpose(1, 2).contiguous().transpose(1, 2)),
+        key(tiny(1)),
+    ]
+    assert all(k is not None and k != base for k in different)
+    assert len(set(different)) == len(different)
+    with torch.autocast("cpu"):  # CPU autocast does not choose the CUDA kernels
+        assert key() == base
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert key() != base
+    finally:
+        torch.set_default_dtype(previous)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not previous
+    try:
+        assert key() != base
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    with torch.inference_mode():
+        assert key() != base
+    assert key(num_exogenous_variables=torch.tensor([2])) == base  # read only with variate labels
+    labelled = tiny()
+    labelled.enable_variate_labels()
+    labelled.eval()  # the labels' module is made in training mode
+    counts = [key(labelled, num_exogenous_variables=n) for n in (0, 1, torch.tensor([1]), torch.tensor([1]))]
+    assert counts[0] != counts[1] and counts[2] == counts[3] and None not in counts  # a count by its value
+    assert block["_totopatch_graph_key"](labelled, True, {**call(32), "num_exogenous_variables": torch.ones(1, device="meta")},
+                                         run.backend, run.failed) == (None, "an exogenous-variable count on the device")
+    model.load_state_dict(tiny(2).state_dict())  # written in place: the same addresses, read by the graph
+    assert key() == base
+    model.load_state_dict(tiny(2).state_dict(), assign=True)  # new tensors
+    assert key() != base
+    moved = key()
+    model.double()
+    assert key() not in (base, moved)
+
+
+@torch.no_grad()
+def test_never_a_stale_graph(block) -> None:
+    """Another model, parameters written in place, replaced, moved to another dtype, train(): each gives eager."""
+    run = runner(block)
+    first, second = tiny(0), tiny(1)
+    for model in (first, second, first, second):
+        for _ in range(2):
+            kwargs = call(32, seed=5)
+            assert same(run(model, True, **kwargs), model(**kwargs))
+    assert (run.captures, run.replays) == (2, 6)
+    first.load_state_dict(tiny(3).state_dict())
+    assert same(run(first, True, **call(32)), first(**call(32)))
+    assert run.captures == 2  # in place: the graph reads the new values
+    first.load_state_dict(tiny(4).state_dict(), assign=True)
+    for _ in range(2):
+        assert same(run(first, True, **call(32)), first(**call(32)))
+    assert run.captures == 3 and len(run.backend.retired) == 1  # the old graph of ``first`` went
+    first.double()
+    kwargs = {**call(32), "inputs": call(32)["inputs"].double()}
+    for _ in range(2):
+        assert same(run(first, True, **kwargs), first(**kwargs))
+    assert run.captures == 4
+    first.train()
+    assert same(run(first, True, **kwargs), first(**kwargs))
+    assert run.eager["training mode, forward hooks or a compiled submodule"] == 1
+
+
+@torch.no_grad()
+def test_bad_inputs_raise_upstream_errors_and_are_never_replayed(block) -> None:
+    model, run = tiny(), runner(block)
+    for _ in range(2):
+        run(model, True, **call(32))
+    replays = run.backend.replays
+    ids = torch.zeros(1, 3, 32, dtype=torch.int)
+    ids[..., 6:] = 1  # a patch of 4 steps that holds two datasets
+    with pytest.raises(AssertionError) as upstream:
+        model(**call(32, ids=ids))
+    with pytest.raises(AssertionError) as found:
+        run(model, True, **call(32, ids=ids))
+    assert str(found.value) == str(upstream.value) == "Patches cannot span multiple datasets"
+    assert run.backend.replays == replays
+    bad = {**call(32), "input_padding_mask": torch.ones(1, 2, 32, dtype=torch.bool)}  # a shape upstream rejects
+    with pytest.raises(RuntimeError) as upstream:
+        model(**bad)
+    with pytest.raises(RuntimeError) as found:
+        run(model, True, **bad)
+    assert str(found.value) == str(upstream.value) and run.backend.replays == replays
+    nan = call(32)
+    nan["inputs"][0, 0, 5] = float("nan")
+    outcomes = []
+    for forward in (lambda: model(**nan), lambda: run(model, True, **nan)):
+        try:
+            outcomes.append(forward())
+        except Exception as exc:  # noqa: BLE001 - whatever upstream does, the graph path must do the same
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+    assert outcomes[0] == outcomes[1] if isinstance(outcomes[0], str) else same(*outcomes)
+
+
+@torch.no_grad()
+def test_a_failed_capture_is_logged_once_and_the_process_runs_eagerly(block, caplog) -> None:
+    run = runner(block, fail=RuntimeError("operation not permitted when stream is capturing"))
+    model = tiny()
+    with caplog.at_level(logging.WARNING, logger="toto.inference.forecaster"):
+        for length in (32, 32, 64):
+            kwargs = call(length)
+            assert same(run(model, True, **kwargs), model(**kwargs))
+        other = tiny(1)
+        assert same(run(other, True, **call(32)), other(**call(32)))
+    assert run.failures == 1 and run.captures == 0  # a capture that did not end may leave CUDA state: no more tries
+    assert run.eager["a capture failed earlier in this process"] == 3
+    (record,) = [r for r in caplog.records if "cuda-graphs" in r.getMessage()]
+    assert "operation not permitted" in record.getMessage() and "TOTOPATCH_CUDA_GRAPHS=0" in record.getMessage()
+
+
+@torch.no_grad()
+def test_graphs_of_a_collected_model_go_at_the_next_capture(block) -> None:
+    import gc
+
+    run = runner(block)
+    model = tiny()
+    run(model, True, **call(32))
+    del model
+    gc.collect()
+    run(tiny(1), True, **call(32))
+    assert len(run.graphs) == 1 and len(run.backend.retired) == 1
+
+
+class LRU:
+    """The reference: which keys an LRU of ``kept`` holds, and how many misses a sequence makes."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept, self.keys, self.misses = kept, [], 0
+
+    def use(self, key: int) -> None:
+        if key in self.keys:
+            self.keys.remove(key)
+        else:
+            self.misses += 1
+        self.keys = (self.keys + [key])[-self.kept:]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kept=st.integers(1, 3), lengths=st.lists(st.sampled_from([8, 16, 24, 32]), min_size=1, max_size=10))
+def test_at_most_kept_graphs_least_recently_used_evicted(block, kept: int, lengths: list[int]) -> None:
+    run, model, reference = runner(block, kept), tiny(), LRU(kept)
+    with torch.no_grad():
+        for length in lengths:
+            kwargs = call(length)
+            assert same(run(model, True, **kwargs), model(**kwargs))
+            reference.use(length)
+            assert len(run.graphs) <= kept
+    assert run.captures == reference.misses and run.replays == len(lengths) - reference.misses
+    assert [key[3][0][0][-1] for key in run.graphs] == reference.keys
+    assert len(run.backend.retired) == reference.misses - len(reference.keys)
+
+
+@pytest.fixture(scope="module")
+def forecaster_module(tmp_path_factory):
+    """The installed forecaster.py with shared-prefill and cuda-graphs, loaded beside it (its relative imports hold)."""
+    path = tmp_path_factory.mktemp("forecaster") / "forecaster_graphs.py"
+    path.write_text(cuda_graphs.rewrite(stacked(), {}).source)
+    spec = importlib.util.spec_from_file_location("toto.inference.forecaster_graphs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_through_the_forecaster_each_key_is_captured_once_then_replayed(forecaster_module, monkeypatch) -> None:
+    """The users' call: the batch's collated exogenous count is a new tensor every forecast, the key still holds."""
+    from totopatch.smoke import make_series
+
+    module = forecaster_module
+    run = module._TotopatchGraphRunner(FakeBackend(vars(module)))
+    monkeypatch.setattr(module, "_totopatch_prefill", run)
+    monkeypatch.setattr(module, "_totopatch_fixed", lambda model: True)  # the installed Toto's scaler and embedding
+    forecaster = module.TotoForecaster(tiny())
+    for length in (29, 29, 45, 29, 45):
+        series = make_series(1, length, "cpu")
+        drawn = []
+        for graphs in ("0", "1"):
+            monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", graphs)
+            torch.manual_seed(11)
+            drawn.append(forecaster.forecast(series, prediction_length=1, num_samples=64, samples_per_batch=16).samples)
+        assert torch.equal(*drawn)
+    assert (run.captures, run.replays, run.backend.replays) == (2, 3, 3)
+
+
+def test_a_tree_without_the_fixes_runs_eagerly_without_trying_a_capture(block) -> None:
+    """Read from the scaler's and the embedding's code: upstream's copy the minimum scale and check the id mask."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from test_graph_fixes import source
+    from totopatch.patches import id_mask_check, scaler_constant
+
+    fixed = block["_totopatch_fixed_in_the_tree"]
+    assert not fixed(tiny())
+    loaded = {}
+    for name, patch in (("scaler", scaler_constant), ("embedding", id_mask_check)):
+        module = types.ModuleType(f"totopatch_test_fixed_{name}")
+        sys.modules[module.__name__] = module
+        exec(compile(patch.rewrite(source("0.2.0", name), {}).source, f"{name}.py", "exec"), module.__dict__)
+        loaded[name] = module
+    try:
+        scaler = loaded["scaler"].CausalPatchStdMeanScaler(patch_size=4)
+        embed = loaded["embedding"].PatchEmbedding(4, 4, 8)
+        assert fixed(SimpleNamespace(scaler=scaler, patch_embed=embed))
+        assert not fixed(SimpleNamespace(scaler=scaler, patch_embed=tiny().patch_embed))
+        assert not fixed(SimpleNamespace(scaler=tiny().scaler, patch_embed=embed))
+    finally:
+        for module in loaded.values():
+            del sys.modules[module.__name__]
