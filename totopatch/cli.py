@@ -19,7 +19,7 @@ from .smoke_run import BACKENDS, attach_smoke
 
 @dataclass(frozen=True)
 class Where:
-    root: Path
+    root: Path | None  # None: not named, the working directory
     installed: bool
     backtest: Path | None
     state_dir: Path | None
@@ -66,7 +66,10 @@ def _with_environment(context: Context, report: Report) -> Report:
     return report
 
 
-def _selected(ids: tuple[str, ...]) -> list:
+def _selected(ids: tuple[str, ...]) -> list | None:
+    """The patches named; None where none is (the engine then takes the default and every recorded one)."""
+    if not ids:
+        return None
     try:
         return engine.select(PATCHES, ids)
     except engine.Abort as exc:
@@ -79,8 +82,9 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="totopatch")
-@click.option("--root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="Project root: holds the Toto tree, the backtest script and .totopatch/.")
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="Project root: holds the Toto tree, the backtest script and .totopatch/ [default: ., or with "
+              "--installed the root its state records].")
 @click.option("--installed", is_flag=True, help="Patch the toto package that `import toto` resolves to.")
 @click.option("--backtest", type=click.Path(path_type=Path), default=None,
               help="Backtest script, which must then exist [default: <root>/backtest_test3_inline.py, if present].")
@@ -89,7 +93,7 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
               "a per-user folder keyed by the package's path].")
 @click.option("--no-color", is_flag=True, help="Never colour diffs (they are coloured only on a terminal without NO_COLOR).")
 @click.pass_context
-def main(ctx: click.Context, root: Path, installed: bool, backtest: Path | None, state_dir: Path | None,
+def main(ctx: click.Context, root: Path | None, installed: bool, backtest: Path | None, state_dir: Path | None,
          no_color: bool) -> None:
     """Safe, reversible patches that make Toto fast under torch.compile."""
     ctx.obj = Where(root, installed, backtest, state_dir)
@@ -190,9 +194,10 @@ def doctor(where: Where, as_json_output: bool) -> None:
     """Where you stand: Python, torch, which Toto is imported, patch states, environment, advice."""
     from . import doctor as dr
 
-    if not where.root.is_dir():
-        _die(Code.USAGE, f"{where.root}: --root is not a directory")
-    found = dr.examine(where.root, where.installed, where.backtest, where.state_dir, os.environ)
+    root = where.root or Path(".")
+    if not root.is_dir():
+        _die(Code.USAGE, f"{root}: --root is not a directory")
+    found = dr.examine(root, where.installed, where.backtest, where.state_dir, os.environ)
     click.echo(dr.as_json(found) if as_json_output else dr.as_text(found))
     sys.exit(found.code)
 

@@ -1,10 +1,20 @@
-"""Take a patch's own change back out of a file the user has edited since."""
+"""Take a patch's own change back out of a file the user has edited since: a three-way merge (merge3).
+
+Lines are merged first; where both sides changed the same lines (a comment added to a patched line, an edit
+of the blank line beside it), those lines are merged character by character, and where both changed the
+same characters, text the user only added before or after the patch's change is kept around it.  Anything
+else is a conflict.  The caller proves every merge by re-applying the patch (``plan_revert``).
+"""
 from __future__ import annotations
 
 import difflib
 import re
+from typing import Callable, Sequence
+
+from merge3 import Merge3
 
 _LINE = re.compile(r"(?<=\n)")
+_ANY_BREAK = re.compile(r"(?<=\r\n)|(?<=\r)(?!\n)|(?<=\n)")  # after CRLF, a lone CR or LF: what Python reads as a line
 
 
 def lines(text: str) -> list[str]:
@@ -17,38 +27,51 @@ def unified(a: str, b: str, name: str, a_label: str = "a/", b_label: str = "b/")
 
 
 def three_way(base: str, ours: str, theirs: str) -> str | None:
-    """Apply the change base->theirs onto ours; None where it touches lines ours changed."""
-    base_l, ours_l, theirs_l = lines(base), lines(ours), lines(theirs)
-    where = _unchanged(base_l, ours_l)
-    edits = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, base_l, theirs_l, autojunk=False).get_opcodes():
-        if tag == "equal":
-            continue
-        span = _ours_span(where, i1, i2, len(base_l), len(ours_l))
-        if span is None:
-            return None
-        edits.append((span, theirs_l[j1:j2]))
-    for (start, end), replacement in reversed(edits):
-        ours_l[start:end] = replacement
-    return "".join(ours_l)
+    """Apply the change base->theirs onto ours, keeping every change ours made; None where both changed one text.
+
+    Joining the pieces gives each side back exactly, so no byte (CR, CRLF, form feed, tab) is lost on the way.
+    """
+    return _merge(_pieces(base), _pieces(ours), _pieces(theirs), _by_character)
 
 
-def _unchanged(base: list[str], ours: list[str]) -> dict[int, int]:
-    """Map each base line that ours kept untouched to its index in ours."""
-    mapping: dict[int, int] = {}
-    for block in difflib.SequenceMatcher(None, base, ours, autojunk=False).get_matching_blocks():
-        for k in range(block.size):
-            mapping[block.a + k] = block.b + k
-    return mapping
+def _pieces(text: str) -> list[str]:
+    """Lines with their endings: CRLF, a lone CR or LF (a CR-only file has as many lines as Python sees)."""
+    return [part for part in _ANY_BREAK.split(text) if part]
 
 
-def _ours_span(where: dict[int, int], i1: int, i2: int, n_base: int, n_ours: int) -> tuple[int, int] | None:
-    """Where base[i1:i2] and the lines around it stand, untouched and contiguous, in ours."""
-    first, last = max(i1 - 1, 0), min(i2 + 1, n_base)
-    mapped = [where.get(k) for k in range(first, last)]
-    if any(v is None for v in mapped) or any(b - a != 1 for a, b in zip(mapped, mapped[1:])):
-        return None
-    start = where[i1] if i1 in where else (where[i1 - 1] + 1 if i1 > 0 else 0)
-    if i1 == n_base:
-        start = where[i1 - 1] + 1 if i1 > 0 else n_ours
-    return start, start + (i2 - i1)
+class _Matcher(difflib.SequenceMatcher):  # type: ignore[type-arg]
+    """difflib's matcher without its junk heuristic, which drops blank lines and brackets in long files."""
+
+    def __init__(self, isjunk: object = None, a: Sequence[str] = "", b: Sequence[str] = "",
+                 autojunk: bool = False) -> None:
+        super().__init__(None, a, b, autojunk=False)
+
+
+Resolve = Callable[[str, str, str], "str | None"]
+
+
+def _merge(base: Sequence[str], ours: Sequence[str], theirs: Sequence[str], on_conflict: Resolve) -> str | None:
+    out: list[str] = []
+    merger: Merge3[str] = Merge3(base, ours, theirs, sequence_matcher=_Matcher)  # type: ignore[arg-type]
+    for group in merger.merge_groups():
+        if group[0] == "conflict":
+            resolved = on_conflict("".join(group[1]), "".join(group[2]), "".join(group[3]))
+            if resolved is None:
+                return None
+            out.append(resolved)
+        else:
+            out.extend(group[1])
+    return "".join(out)
+
+
+def _by_character(base: str, ours: str, theirs: str) -> str | None:
+    """Both sides changed the same lines: merge those lines character by character."""
+    return _merge(base, ours, theirs, _around)
+
+
+def _around(base: str, ours: str, theirs: str) -> str | None:
+    """Both changed the same characters: keep what ours only added before or after them, around theirs."""
+    if base and ours.count(base) == 1:
+        before, after = ours.split(base)
+        return before + theirs + after
+    return None

@@ -14,9 +14,10 @@ from .outcome import REFUSING_STATES, Abort, Code, Item, Report, State
 from .reading import read, text
 from .spec import Patch, PatchRef, Refusal, Rewrite
 from .state import Context
-from .status import Finding, backup_path, classify, effective_options, options_text, targets
+from .status import Finding, classify, effective_options, options_text, targets
 from .textio import SourceError, check_syntax
 from .transaction import Change
+from .undo import How, backup_path, unstack
 
 
 def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRef], given: Mapping[str, str],
@@ -25,18 +26,20 @@ def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRe
     changes: list[Change] = []
     for ref in refs:
         for target in targets(ctx, ref):
-            item, change = _plan_one(ctx, manifest, ref, target, pending, given, adopt_legacy)
+            item, planned = _plan_one(ctx, manifest, ref, target, pending, given, adopt_legacy)
             report.items.append(item)
-            if change is not None:
+            for change in planned:
                 changes.append(change)
                 if change.new is not None:
                     pending[target.path] = change.new
+                if change.journal is not None and change.new == change.old:  # recorded as it stands:
+                    manifest = manifest.with_entry(change.journal.entry)  # later patches of the run see it
     return changes
 
 
 def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, pending: dict[Path, bytes],
-              given: Mapping[str, str], adopt_legacy: bool) -> tuple[Item, Change | None]:
-    item = Item(ref.id, target.key, ctx.layout.display(target.path), "")
+              given: Mapping[str, str], adopt_legacy: bool) -> tuple[Item, list[Change]]:
+    item = _item(ctx, ref, target)
     try:
         data = pending[target.path] if target.path in pending else read(target.path)
         entry = manifest.find(ref.id, target.base, target.rel)
@@ -46,15 +49,61 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
             # stacked on a patch planned in this run: the disk says whether the file was replaced since
             on_disk = classify(ctx, manifest, ref, target, options, read(target.path))
             found = on_disk if on_disk.state == State.REPLACED else found
+        if found.state == State.DRIFTED:
+            return _rerecord(ctx, manifest, ref, target, found, pending)
         if found.state != State.REPLACED:
-            return _act(ctx, ref, target, item, found, options, adopt_legacy, pending)
+            return _listed(*_act(ctx, ref, target, item, found, options, adopt_legacy, pending))
         item, change = _act(ctx, ref, target, item, classify(ctx, manifest, ref, target, options, data,
                                                               ignore_entry=True), options, adopt_legacy, pending)
-        return _drop_stale(ctx, item, change, found)
+        return _listed(*_drop_stale(ctx, item, change, found))
     except Abort as exc:
         if exc.code != Code.REFUSED:
             raise
-        return replace(item, state=State.REFUSED, detail=str(exc)), None
+        return replace(item, state=State.REFUSED, detail=str(exc)), []
+
+
+def _listed(item: Item, change: Change | None) -> tuple[Item, list[Change]]:
+    return item, [change] if change is not None else []
+
+
+def _item(ctx: Context, ref: PatchRef, target: Target) -> Item:
+    return Item(ref.id, target.key, ctx.layout.display(target.path), "")
+
+
+def _rerecord(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, found: Finding,
+              pending: dict[Path, bytes]) -> tuple[Item, list[Change]]:
+    """Record a drifted file as it now stands, so the gate passes: each patch of its stack gets as original
+    what revert gives back (the user's edits kept); the earlier originals are kept in ``<state>/backups/``."""
+    item = _item(ctx, ref, target)
+    assert found.entry is not None and found.data is not None
+    data = found.data
+    current = sha256(data)
+    steps = unstack(ctx, manifest, found.entry, data)
+    stuck = [(e, u) for e, _, u in steps if u.how not in (How.RESTORE, How.MERGED, How.ORIGINAL)]
+    if stuck:
+        entry, undo = stuck[0]
+        return replace(item, state=State.CONFLICT, detail=f"edited since apply; {entry.patch} cannot be taken "
+                       f"out ({undo.detail}); see `totopatch status`, or revert --force"), []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    changes, others = [], []
+    for entry, holds, undo in steps:
+        assert undo.result is not None
+        if sha256(holds) == entry.after_sha256:
+            continue  # still as recorded
+        backup_base, backup_rel, create = _backup_place(ctx, target, undo.result, {**pending, target.path: data})
+        rebased = replace(entry, before_sha256=sha256(undo.result), after_sha256=sha256(holds),
+                          backup_base=backup_base, backup=backup_rel, backup_sha256=sha256(undo.result),
+                          backup_created=create, totopatch_version=__version__, applied_at=stamp,
+                          toto_version=toto_version(ctx.layout.toto_parent) if target.base == "toto" else None)
+        first, remove = keep_aside(ctx, entry)
+        if create:
+            first += ((ctx.layout.resolve(backup_base, backup_rel), undo.result),)
+        changes.append(Change(target.path, data, data, mf.JournalItem("add", rebased, current), first, remove))
+        if entry.patch != ref.id:
+            others.append(entry.patch)
+    stacked = f" (and {', '.join(others)} in the same file)" if others else ""
+    return replace(item, state=State.RECORDED, detail=f"re-recorded with your later edits{stacked}: revert keeps "
+                   "them; the earlier original is kept in the state folder's backups/"), changes
 
 
 def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding, options: dict[str, str],
@@ -67,8 +116,6 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
             return replace(item, state=State.REFUSED, detail=f"already applied with {options_text(recorded)}; "
                            "revert it first to apply other options"), None
         return replace(item, state=State.ALREADY_APPLIED), None
-    if state == State.DRIFTED:
-        return replace(item, state=State.ALREADY_APPLIED, detail="with later edits outside the patched region"), None
     if state == State.CONFLICT and entry is not None:
         return replace(item, state=State.CONFLICT, detail="recorded as applied, but the patched region was edited "
                        "since; see `totopatch status`, or revert --force"), None
@@ -207,8 +254,9 @@ def _plan_unrecorded(ctx: Context, patch: Patch, target: Target, item: Item, dat
                                detail=f"already patched; recorded with {ctx.layout.display(backup)} as original"), change
         except (Refusal, Abort):
             continue
-    return replace(item, state=State.ALREADY_APPLIED,
-                   detail="patched, but no backup of the original was found: revert cannot undo it"), None
+    change = _change(ctx, patch.id, target, data, data, options, None, {})
+    return replace(item, state=State.RECORDED, detail="already patched, and no backup holds an earlier original: "
+                   "recorded as found (revert leaves this file as it is)"), change
 
 
 def _backup_candidates(ctx: Context, target: Target) -> list[Path]:
