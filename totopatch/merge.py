@@ -1,15 +1,15 @@
 """Take a patch's own change back out of a file the user has edited since: a three-way merge (merge3).
 
-Lines are merged first; where both sides changed the same lines (a comment added to a patched line, an edit
-of the blank line beside it), those lines are merged character by character, and where both changed the
-same characters, text the user only added before or after the patch's change is kept around it.  Anything
-else is a conflict.  The caller proves every merge by re-applying the patch (``plan_revert``).
+Lines are merged first; where both sides changed the same or neighbouring lines (a comment added to a
+patched line, an edit of the blank line beside it), those lines are merged character by character.
+Anything else is a conflict.  The caller proves every merge by re-applying the patch (``plan_revert``).
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 from merge3 import Merge3
 
@@ -31,7 +31,16 @@ def three_way(base: str, ours: str, theirs: str) -> str | None:
 
     Joining the pieces gives each side back exactly, so no byte (CR, CRLF, form feed, tab) is lost on the way.
     """
-    return _merge(_pieces(base), _pieces(ours), _pieces(theirs), _by_character)
+    out: list[str] = []
+    merger = Merge3(_pieces(base), _pieces(ours), _pieces(theirs), sequence_matcher=_Matcher)  # type: ignore[arg-type]
+    for group in merger.merge_groups():
+        if group[0] != "conflict":
+            out.extend(group[1])
+        elif (combined := _by_character("".join(group[1]), "".join(group[2]), "".join(group[3]))) is not None:
+            out.append(combined)
+        else:
+            return None
+    return "".join(out)
 
 
 def _pieces(text: str) -> list[str]:
@@ -47,31 +56,44 @@ class _Matcher(difflib.SequenceMatcher):  # type: ignore[type-arg]
         super().__init__(None, a, b, autojunk=False)
 
 
-Resolve = Callable[[str, str, str], "str | None"]
-
-
-def _merge(base: Sequence[str], ours: Sequence[str], theirs: Sequence[str], on_conflict: Resolve) -> str | None:
-    out: list[str] = []
-    merger: Merge3[str] = Merge3(base, ours, theirs, sequence_matcher=_Matcher)  # type: ignore[arg-type]
-    for group in merger.merge_groups():
-        if group[0] == "conflict":
-            resolved = on_conflict("".join(group[1]), "".join(group[2]), "".join(group[3]))
-            if resolved is None:
-                return None
-            out.append(resolved)
-        else:
-            out.extend(group[1])
-    return "".join(out)
-
-
 def _by_character(base: str, ours: str, theirs: str) -> str | None:
-    """Both sides changed the same lines: merge those lines character by character."""
-    return _merge(base, ours, theirs, _around)
+    """Both sides changed the same lines: combine their edits character by character where none overlaps.
 
-
-def _around(base: str, ours: str, theirs: str) -> str | None:
-    """Both changed the same characters: keep what ours only added before or after them, around theirs."""
-    if base and ours.count(base) == 1:
-        before, after = ours.split(base)
-        return before + theirs + after
+    Edits that only touch combine (a comment typed right after the text the patch changed, a line ending
+    changed beside it); an insertion at the edge of the other side's edit goes on its outer side.  An edit
+    within a run of equal characters (a blank line added beside the patch's blank lines) may sit anywhere
+    in that run, so it is tried at both ends.  Edits that overlap wherever they sit are a conflict.
+    """
+    for ours_left, theirs_left in ((True, True), (False, False), (True, False), (False, True)):
+        combined = _combine(base, _edits(base, ours, ours_left) + _edits(base, theirs, theirs_left))
+        if combined is not None:
+            return combined
     return None
+
+
+def _combine(base: str, edits: list[tuple[int, int, str]]) -> str | None:
+    """``base`` with every edit made; None where two overlap or two different insertions share a place."""
+    out, at, last = [], 0, (-1, -1)
+    for start, end, text in sorted(set(edits)):
+        if start < at or (start == end and last == (start, end)):
+            return None
+        out += [base[at:start], text]
+        at, last = end, (start, end)
+    return "".join(out) + base[at:]
+
+
+def _edits(base: str, other: str, left: bool) -> list[tuple[int, int, str]]:
+    """The edits that turn ``base`` into ``other``: (start, end, replacement) in base's positions.
+
+    Only what differs goes to difflib: the common head and tail are cut first, the tail first where
+    ``left`` (an edit in a run of equal characters then sits at the run's start), else the head first.
+    """
+    if left:
+        tail = len(os.path.commonprefix([base[::-1], other[::-1]]))
+        head = len(os.path.commonprefix([base[:len(base) - tail], other[:len(other) - tail]]))
+    else:
+        head = len(os.path.commonprefix([base, other]))
+        tail = len(os.path.commonprefix([base[head:][::-1], other[head:][::-1]]))
+    a, b = base[head:len(base) - tail], other[head:len(other) - tail]
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return [(head + i1, head + i2, b[j1:j2]) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"]
