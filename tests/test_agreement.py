@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import Phase, given, note, settings, strategies as st
+from hypothesis import Phase, assume, given, note, settings, strategies as st
 from hypothesis.control import currently_in_test_context
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package
@@ -231,3 +231,58 @@ def test_the_merge_keeps_every_byte_of_both_sides() -> None:
     ours = base.replace(".u(1)\r\n", ".u(1)  # mine\n").replace("z = 3", "z = 4")
     assert three_way(base, ours, theirs) == "a = 1\r\nx = f(a)  # mine\n\f\ty = 2\rz = 4\n"
     assert three_way(base, base.replace(".u(1)", ".u(2)"), theirs) is None  # both changed one text
+
+
+LOADER_WITH_BLANK = '''\
+import os
+
+
+def load_toto_pipeline():
+    compile_mode = os.getenv("TOTO_COMPILE_MODE") or "max-autotune"
+
+    backend = os.getenv("TOTO_COMPILE_BACKEND") or "inductor"
+    return compile_mode, backend
+'''
+
+
+@pytest.mark.parametrize(("blank", "expected"), [
+    pytest.param("    # chosen on the H200\n", "# chosen on the H200", id="comment-on-it"),
+    pytest.param("    \n", "\"max-autotune\"\n    \n    backend", id="whitespace-on-it"),
+    pytest.param("", '"max-autotune"\n    backend', id="deleted"),
+    pytest.param("\r\n", '"max-autotune"\n\r\n', id="crlf-on-it"),
+])
+def test_an_edit_of_the_blank_line_after_a_patched_line_is_drifted_and_revert_keeps_it(project: Path, cli,
+                                                                                        blank: str, expected: str) -> None:
+    script = project / "backtest_test3_inline.py"
+    script.write_bytes(LOADER_WITH_BLANK.encode())
+    assert cli(project, "apply", "compile-mode").exit_code == 0
+    patched = script.read_bytes().decode()
+    script.write_bytes(patched.replace('"reduce-overhead"\n\n', f'"reduce-overhead"\n{blank}', 1).encode())
+    assert "drifted" in cli(project, "status", "compile-mode").stdout
+    ran = cli(project, "revert", "compile-mode")
+    assert ran.exit_code == 0 and "merged" in ran.stdout, ran.stdout + ran.stderr
+    result = script.read_bytes().decode()
+    assert result == LOADER_WITH_BLANK.replace('"max-autotune"\n\n', f'"max-autotune"\n{blank}', 1)
+    assert expected in result
+
+
+_LINE = st.text(st.sampled_from("ab =()#\t\f"), max_size=6)
+_ENDING = st.sampled_from(["\n", "\r\n", "\r"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.tuples(_LINE, _ENDING), min_size=4, max_size=14), data=st.data())
+def test_the_merge_makes_both_sides_edits_when_they_are_on_different_lines(lines, data) -> None:
+    """Edits of both sides on different lines, next to each other or not, both land, byte for byte."""
+    base = [f"{a}{n}{e}" for n, (a, e) in enumerate(lines)]  # distinct lines: equal ones align either way
+    mine_at = data.draw(st.integers(0, len(base) - 1), label="ours edits line")
+    gap = data.draw(st.integers(1, 4), label="gap")
+    theirs_at = mine_at + gap if mine_at + gap < len(base) else mine_at - gap
+    assume(0 <= theirs_at < len(base))
+    ours, theirs = list(base), list(base)
+    ours[mine_at] = data.draw(st.sampled_from([base[mine_at] + "# u\n", "", base[mine_at].rstrip("\r\n") + "  # u\r\n"]))
+    theirs[theirs_at] = data.draw(st.sampled_from(["", "patched()\n", base[theirs_at] * 2]))
+    both = list(base)
+    both[mine_at], both[theirs_at] = ours[mine_at], theirs[theirs_at]
+    merged = three_way("".join(base), "".join(ours), "".join(theirs))
+    assert merged == "".join(both)

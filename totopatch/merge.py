@@ -1,13 +1,12 @@
 """Take a patch's own change back out of a file the user has edited since: a three-way merge (merge3).
 
-Lines are merged first; where both sides changed the same or neighbouring lines (a comment added to a
-patched line, an edit of the blank line beside it), those lines are merged character by character.
-Anything else is a conflict.  The caller proves every merge by re-applying the patch (``plan_revert``).
+merge3 merges the lines; where both sides changed the same or neighbouring lines (a comment added to a
+patched line, an edit of the blank line beside it), edits that only touch are combined, by line and then
+by character.  Anything else is a conflict.  The caller proves every merge by re-applying the patch (``plan_revert``).
 """
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from typing import Sequence
 
@@ -36,7 +35,7 @@ def three_way(base: str, ours: str, theirs: str) -> str | None:
     for group in merger.merge_groups():
         if group[0] != "conflict":
             out.extend(group[1])
-        elif (combined := _by_character("".join(group[1]), "".join(group[2]), "".join(group[3]))) is not None:
+        elif (combined := _touching("".join(group[1]), "".join(group[2]), "".join(group[3]))) is not None:
             out.append(combined)
         else:
             return None
@@ -64,7 +63,7 @@ class _Matcher:
     def get_matching_blocks(self) -> list[tuple[int, int, int]]:
         a, b = self.a, self.b
         most = min(len(a), len(b))
-        head = next((k for k in range(most) if a[k] != b[k]), most)
+        head = _common(a, b)
         tail = next((k for k in range(most - head) if a[len(a) - 1 - k] != b[len(b) - 1 - k]), most - head)
         inner = difflib.SequenceMatcher(None, a[head:len(a) - tail], b[head:len(b) - tail]).get_matching_blocks()
         blocks = [(0, 0, head)] + [(i + head, j + head, k) for i, j, k in inner] + [(len(a) - tail, len(b) - tail, tail)]
@@ -77,44 +76,58 @@ class _Matcher:
         return out + [(len(a), len(b), 0)]
 
 
-def _by_character(base: str, ours: str, theirs: str) -> str | None:
-    """Both sides changed the same lines: combine their edits character by character where none overlaps.
+def _touching(base: str, ours: str, theirs: str) -> str | None:
+    """Both sides changed the same or neighbouring lines: combine their edits where none overlaps.
 
-    Edits that only touch combine (a comment typed right after the text the patch changed, a line ending
-    changed beside it); an insertion at the edge of the other side's edit goes on its outer side.  An edit
-    within a run of equal characters (a blank line added beside the patch's blank lines) may sit anywhere
-    in that run, so it is tried at both ends.  Edits that overlap wherever they sit are a conflict.
+    Edits that only touch combine: a line added right after a line the patch changed, a comment typed at
+    the end of it, a line ending changed beside it.  An insertion at the edge of the other side's edit
+    goes on its outer side.  Lines are tried first, then characters; an edit within a run of equal items
+    (a blank line added beside the patch's blank lines) may sit anywhere in that run, so it is tried at
+    both ends.  Edits that overlap however they are placed are a conflict.
     """
-    for ours_left, theirs_left in ((True, True), (False, False), (True, False), (False, True)):
-        combined = _combine(base, _edits(base, ours, ours_left) + _edits(base, theirs, theirs_left))
-        if combined is not None:
-            return combined
+    for split in (_pieces, list):
+        pieces = split(base), split(ours), split(theirs)
+        for ours_left, theirs_left in ((True, True), (False, False), (True, False), (False, True)):
+            edits = _edits(pieces[0], pieces[1], ours_left) + _edits(pieces[0], pieces[2], theirs_left)
+            combined = _combine(pieces[0], edits)
+            if combined is not None:
+                return combined
     return None
 
 
-def _combine(base: str, edits: list[tuple[int, int, str]]) -> str | None:
+Edit = tuple[int, int, tuple[str, ...]]  # (start, end, replacement) in the base's positions
+
+
+def _combine(base: Sequence[str], edits: list[Edit]) -> str | None:
     """``base`` with every edit made; None where two overlap or two different insertions share a place."""
-    out, at, last = [], 0, (-1, -1)
+    out: list[str] = []
+    at, last = 0, (-1, -1)
     for start, end, text in sorted(set(edits)):
         if start < at or (start == end and last == (start, end)):
             return None
-        out += [base[at:start], text]
+        out += [*base[at:start], *text]
         at, last = end, (start, end)
-    return "".join(out) + base[at:]
+    return "".join(out) + "".join(base[at:])
 
 
-def _edits(base: str, other: str, left: bool) -> list[tuple[int, int, str]]:
-    """The edits that turn ``base`` into ``other``: (start, end, replacement) in base's positions.
+def _edits(base: Sequence[str], other: Sequence[str], left: bool) -> list[Edit]:
+    """The edits that turn ``base`` into ``other``.
 
     Only what differs goes to difflib: the common head and tail are cut first, the tail first where
-    ``left`` (an edit in a run of equal characters then sits at the run's start), else the head first.
+    ``left`` (an edit in a run of equal items then sits at the run's start), else the head first.
     """
     if left:
-        tail = len(os.path.commonprefix([base[::-1], other[::-1]]))
-        head = len(os.path.commonprefix([base[:len(base) - tail], other[:len(other) - tail]]))
+        tail = _common(base[::-1], other[::-1])
+        head = _common(base[:len(base) - tail], other[:len(other) - tail])
     else:
-        head = len(os.path.commonprefix([base, other]))
-        tail = len(os.path.commonprefix([base[head:][::-1], other[head:][::-1]]))
+        head = _common(base, other)
+        tail = _common(base[head:][::-1], other[head:][::-1])
     a, b = base[head:len(base) - tail], other[head:len(other) - tail]
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return [(head + i1, head + i2, b[j1:j2]) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"]
+    return [(head + i1, head + i2, tuple(b[j1:j2])) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"]
+
+
+def _common(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many items ``a`` and ``b`` share at their start."""
+    most = min(len(a), len(b))
+    return next((k for k in range(most) if a[k] != b[k]), most)
