@@ -59,6 +59,7 @@ def test_a_drifted_file_is_re_recorded_by_apply_and_revert_still_keeps_the_edits
     assert preview.exit_code == 0 and "merged" in preview.stdout
     ran = cli(project, "apply")
     assert ran.exit_code == 0 and "re-recorded" in ran.stdout, ran.stdout + ran.stderr
+    assert "the original before them is kept at" in ran.stdout
     assert script.read_text() == edited
     assert cli(project, "status", "--check").exit_code == 0
     assert cli(project, "verify").exit_code == 0
@@ -146,3 +147,12 @@ def test_whatever_apply_reports_as_done_passes_the_gate(steps: list[tuple[str, s
         else:
             assert applied.code == 3 and any(i.state == "conflict" for i in applied.items), (done, applied.error)
 
+
+
+def test_a_drifted_file_keeps_its_options_unless_reverted(project: Path, cli) -> None:
+    assert cli(project, "apply", CM).exit_code == 0
+    script = project / "backtest_test3_inline.py"
+    script.write_bytes(script.read_bytes() + b"\n# edited\n")
+    ran = cli(project, "apply", CM, "--compile-mode", "default")
+    assert ran.exit_code == 3 and "revert it first" in ran.stdout
+    assert cli(project, "status", CM, "--check").exit_code == 1  # still drifted: nothing was recorded

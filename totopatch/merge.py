@@ -52,8 +52,8 @@ class _Matcher:
 
     The lines all three files share at the start and end are matched first; difflib then matches what is
     between, with its heuristic that lines found everywhere (blank lines, brackets) only extend a match:
-    a 4,300-line script merges in tens of milliseconds.  A poor match there can only cost a conflict,
-    never a wrong merge, since every merge is proven by re-applying the patch.
+    a 4,300-line script merges in tens of milliseconds.  A poor match there costs a conflict: the caller
+    accepts a merge only where re-applying the patch to it gives the user's file back.
     """
 
     def __init__(self, isjunk: object = None, a: Sequence[str] = (), b: Sequence[str] = (),

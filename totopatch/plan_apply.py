@@ -49,7 +49,10 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
             # stacked on a patch planned in this run: the disk says whether the file was replaced since
             on_disk = classify(ctx, manifest, ref, target, options, read(target.path))
             found = on_disk if on_disk.state == State.REPLACED else found
-        if found.state == State.DRIFTED:
+        if found.state == State.DRIFTED and entry is not None:
+            if (recorded := effective_options(ref, entry)) != options:
+                return replace(item, state=State.REFUSED, detail=f"applied with {options_text(recorded)}; "
+                               "revert it first to apply other options"), []
             return _rerecord(ctx, manifest, ref, target, found, pending)
         if found.state != State.REPLACED:
             return _listed(*_act(ctx, ref, target, item, found, options, adopt_legacy, pending))
@@ -102,8 +105,11 @@ def _rerecord(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
         if entry.patch != ref.id:
             others.append(entry.patch)
     stacked = f" (and {', '.join(others)} in the same file)" if others else ""
-    return replace(item, state=State.RECORDED, detail=f"re-recorded with your later edits{stacked}: revert keeps "
-                   "them; the earlier original is kept in the state folder's backups/"), changes
+    bottom = steps[-1][0]
+    kept = backup_path(ctx, bottom) if bottom.backup_base == "state" or not bottom.backup_created else \
+        ctx.layout.state_dir / "backups" / bottom.backup_sha256
+    return replace(item, state=State.RECORDED, detail=f"re-recorded as it now stands{stacked}: revert keeps your "
+                   f"later edits; the original before them is kept at {ctx.layout.display(kept)}"), changes
 
 
 def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding, options: dict[str, str],
