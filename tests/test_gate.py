@@ -117,6 +117,9 @@ def _perturb(root: Path, step: str, patch: str) -> None:
     elif step == "lose-backups":
         for backup in [*root.rglob("*.backup"), *(root / ".totopatch" / "backups").glob("*")]:
             backup.unlink()
+    elif step == "change-backups":
+        for backup in [*root.rglob("*.backup"), *(root / ".totopatch" / "backups").glob("*")]:
+            backup.write_bytes(b"print('not the original')\n")
     elif step == "original-back":
         path.write_bytes(original)
     elif step == "pre-patched":  # patched by hand or by another tool, nothing recorded
@@ -124,7 +127,7 @@ def _perturb(root: Path, step: str, patch: str) -> None:
 
 
 STEPS = ("apply", "revert", "edit-outside", "edit-beside", "edit-inside", "lose-manifest", "lose-backups",
-         "original-back", "pre-patched")
+         "change-backups", "original-back", "pre-patched")
 
 
 @settings(max_examples=30, deadline=None, print_blob=True, phases=(Phase.explicit, Phase.reuse, Phase.generate))
@@ -156,3 +159,32 @@ def test_a_drifted_file_keeps_its_options_unless_reverted(project: Path, cli) ->
     ran = cli(project, "apply", CM, "--compile-mode", "default")
     assert ran.exit_code == 3 and "revert it first" in ran.stdout
     assert cli(project, "status", CM, "--check").exit_code == 1  # still drifted: nothing was recorded
+
+
+@pytest.mark.parametrize("damage", ["deleted", "changed"])
+def test_an_applied_file_whose_backup_is_gone_is_recorded_again_so_verify_passes(project: Path, cli,
+                                                                                 damage: str) -> None:
+    """apply said `already-applied` while verify failed on the backup: the gate could never pass."""
+    assert cli(project, "apply", CM).exit_code == 0
+    backup = project / "backtest_test3_inline.py.backup"
+    backup.unlink() if damage == "deleted" else backup.write_bytes(b"print('not the original')\n")
+    assert cli(project, "verify", CM).exit_code == 1
+    ran = cli(project, "apply", CM)
+    assert ran.exit_code == 0 and "recorded as found" in ran.stdout and "is left" in ran.stdout, ran.stdout
+    assert cli(project, "verify", CM).exit_code == 0
+    patched = (project / "backtest_test3_inline.py").read_bytes()
+    ran = cli(project, "revert", CM)
+    assert ran.exit_code == 0 and "nothing to undo" in ran.stdout
+    assert (project / "backtest_test3_inline.py").read_bytes() == patched
+
+
+def test_an_applied_file_whose_backup_is_gone_gets_it_back_from_a_kept_copy(project: Path, cli) -> None:
+    assert cli(project, "apply", CM).exit_code == 0
+    backup = project / "backtest_test3_inline.py.backup"
+    (project / ".totopatch" / "backups").mkdir()
+    backup.rename(project / ".totopatch" / "backups" / "a-copy")
+    ran = cli(project, "apply", CM)
+    assert ran.exit_code == 0 and "made again" in ran.stdout, ran.stdout
+    assert backup.read_bytes() == SAMPLE_BACKTEST and cli(project, "verify", CM).exit_code == 0
+    assert cli(project, "revert", CM).exit_code == 0
+    assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST

@@ -17,7 +17,7 @@ from .state import Context
 from .status import Finding, classify, effective_options, options_text, targets
 from .textio import SourceError, check_syntax
 from .transaction import Change
-from .undo import How, backup_path, unstack
+from .undo import How, backup_path, unstack, verified_backup
 
 
 def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRef], given: Mapping[str, str],
@@ -121,6 +121,9 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
         if recorded != options:
             return replace(item, state=State.REFUSED, detail=f"already applied with {options_text(recorded)}; "
                            "revert it first to apply other options"), None
+        if found.data is not None and sha256(found.data) == entry.after_sha256 and \
+                (problem := _backup_problem(ctx, entry)):
+            return _rebacked(ctx, ref, target, item, entry, found.data, options, problem)
         return replace(item, state=State.ALREADY_APPLIED), None
     if state == State.CONFLICT and entry is not None:
         return replace(item, state=State.CONFLICT, detail="recorded as applied, but the patched region was edited "
@@ -263,6 +266,50 @@ def _plan_unrecorded(ctx: Context, patch: Patch, target: Target, item: Item, dat
     change = _change(ctx, patch.id, target, data, data, options, None, {})
     return replace(item, state=State.RECORDED, detail="already patched, and no backup holds an earlier original: "
                    "recorded as found (revert leaves this file as it is)"), change
+
+
+def _backup_problem(ctx: Context, entry: mf.Entry) -> str:
+    """Why revert could not restore this entry's original from its backup, or '' where it could."""
+    try:
+        verified_backup(ctx, entry)
+    except Abort as exc:
+        if exc.code != Code.STATE:
+            raise
+        return "is missing" if read(backup_path(ctx, entry)) is None else "no longer holds the original"
+    return ""
+
+
+def _rebacked(ctx: Context, ref: PatchRef, target: Target, item: Item, entry: mf.Entry, data: bytes,
+              options: dict[str, str], problem: str) -> tuple[Item, Change | None]:
+    """An applied file whose backup is gone or changed: verify would fail, so apply repairs the record.
+
+    From a copy of the original found beside the file or in ``<state>/backups/``; where none is left, the
+    file is recorded as found (revert then leaves it as it is), and the detail says the original is lost.
+    """
+    recorded = backup_path(ctx, entry)
+    shown = ctx.layout.display(recorded)
+    for candidate in [ctx.layout.state_dir / "backups" / entry.before_sha256, *_backup_candidates(ctx, target)]:
+        try:
+            original = read(candidate)
+        except Abort:
+            continue
+        if original is None or candidate == recorded or sha256(original) != entry.before_sha256:
+            continue
+        found = ctx.layout.display(candidate)
+        if read(recorded) is None:  # made again where the manifest expects it
+            return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}; made again from "
+                           f"{found}, which holds the original"), Change(target.path, data, data, None,
+                                                                          ((recorded, original),))
+        base, rel = ("state", candidate.relative_to(ctx.layout.state_dir).as_posix()) \
+            if candidate.is_relative_to(ctx.layout.state_dir) else (target.base, target.rel + ".backup")
+        moved = replace(entry, backup_base=base, backup=rel, backup_sha256=entry.before_sha256, backup_created=False)
+        return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}; recorded {found}, "
+                       "which holds the original"), Change(target.path, data, data,
+                                                          mf.JournalItem("add", moved, sha256(data)))
+    change = _change(ctx, ref.id, target, data, data, options, None, {})
+    return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}, and no copy of the original "
+                   f"(sha256 {entry.before_sha256[:12]}) is left: recorded as found, so revert leaves this file "
+                   "as it is"), change
 
 
 def _backup_candidates(ctx: Context, target: Target) -> list[Path]:
