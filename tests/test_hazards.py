@@ -396,6 +396,8 @@ def test_installed_state_recording_the_backtest_is_found_from_any_directory(tmp_
     assert totopatch("--installed", "apply", CM, cwd=project, site=site).returncode == 0
     ran = totopatch("--installed", "status", CM, "--check", cwd=other, site=site)
     assert ran.returncode == 0, ran.stdout + ran.stderr
+    doctor = json.loads(totopatch("--installed", "doctor", "--json", cwd=other, site=site).stdout)
+    assert {p["patch"]: p["state"] for p in doctor["patches"]}[CM] == "applied"
     assert totopatch("--installed", "apply", cwd=other, site=site).returncode == 0
     for folder in (other, project, tmp_path):
         assert totopatch("--installed", "status", "--check", cwd=folder, site=site).returncode == 0

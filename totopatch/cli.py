@@ -197,7 +197,7 @@ def doctor(where: Where, as_json_output: bool) -> None:
     root = where.root or Path(".")
     if not root.is_dir():
         _die(Code.USAGE, f"{root}: --root is not a directory")
-    found = dr.examine(root, where.installed, where.backtest, where.state_dir, os.environ)
+    found = dr.examine(where.root, where.installed, where.backtest, where.state_dir, os.environ)
     click.echo(dr.as_json(found) if as_json_output else dr.as_text(found))
     sys.exit(found.code)
 

@@ -56,16 +56,16 @@ def open_context(root: Path | None, installed: bool = False, backtest: Path | No
             layout = locate(root, True, backtest)
             state = (state_dir or user_state_dir(layout.toto_parent)).absolute()
             recorded = _recorded(state)
-            if not named and backtest is None and (theirs := _recorded_root(recorded)) is not None:
+            if not named and backtest is None and (theirs := recorded_root(recorded)) is not None:
                 layout = locate(theirs, True, None)
-            return Context(replace(_with_recorded_backtest(layout, recorded, backtest), state_dir=state),
+            return Context(replace(with_recorded_backtest(layout, recorded, backtest), state_dir=state),
                            backups_in_state=True)
         recorded = _recorded(state_dir_for(root, state_dir)) if root.is_dir() else None
         layout = locate(root, False, backtest, state_dir, recorded.toto_dir if recorded else None)
         if state_dir is None and recorded is None and (owner := _ancestor_owning(layout)) is not None:
             layout = replace(locate(owner, False, backtest), toto_parent=layout.toto_parent)
             recorded = _recorded(layout.state_dir)
-        layout = _with_recorded_backtest(layout, recorded, backtest)
+        layout = with_recorded_backtest(layout, recorded, backtest)
     except LayoutError as exc:
         raise Abort(Code.USAGE, str(exc)) from None
     if layout.state_dir.exists() and not layout.state_dir.is_dir():
@@ -73,7 +73,7 @@ def open_context(root: Path | None, installed: bool = False, backtest: Path | No
     return Context(layout, backups_in_state=state_dir is not None)
 
 
-def _recorded_root(recorded: mf.Manifest | None) -> Path | None:
+def recorded_root(recorded: mf.Manifest | None) -> Path | None:
     """The root a state records files under, where it records any and that folder is still there."""
     if recorded is None or not recorded.root or not any(e.base == "root" for e in recorded.entries):
         return None
@@ -81,7 +81,7 @@ def _recorded_root(recorded: mf.Manifest | None) -> Path | None:
     return root if root.is_dir() else None
 
 
-def _with_recorded_backtest(layout: Layout, recorded: mf.Manifest | None, backtest: Path | None) -> Layout:
+def with_recorded_backtest(layout: Layout, recorded: mf.Manifest | None, backtest: Path | None) -> Layout:
     """The layout with the backtest script the state records, where none was named."""
     if backtest is not None or recorded is None:
         return layout
