@@ -130,8 +130,8 @@ def _note(text: str) -> None:
         note(text)
 
 
-def check_agreement(root: Path, case: Case, edited: bytes) -> dict[str, str]:
-    """Write ``edited``; status's rows and revert's outcome must agree; return status's states."""
+def check_agreement(root: Path, case: Case, edited: bytes, verify: bool = True) -> dict[str, str]:
+    """Write ``edited``; status's (and verify's) rows and revert's outcome must agree; return status's states."""
     path = root / case.file
     path.write_bytes(edited)
     ctx = open_context(root)
@@ -142,8 +142,9 @@ def check_agreement(root: Path, case: Case, edited: bytes) -> dict[str, str]:
     states = {p: rows[p].state for p in case.patches}
     _note(f"status: {states}")
     assert set(states.values()) <= {"applied", "drifted", "conflict", "replaced"}, rows
-    verify = {i.patch: i.state for i in engine.verify(ctx, refs).items if Path(i.file).as_posix().endswith(shown)}
-    assert all(verify[p] == s for p, s in states.items() if s != "applied"), (verify, states)
+    if verify:
+        proved = {i.patch: i.state for i in engine.verify(ctx, refs).items if Path(i.file).as_posix().endswith(shown)}
+        assert all(proved[p] == s for p, s in states.items() if s != "applied"), (proved, states)
     report = engine.revert(ctx, refs)
     done = {i.patch: i for i in report.items if Path(i.file).as_posix().endswith(shown)}
     _note(f"revert: {[(i.patch, i.state, i.detail) for i in report.items]}, {report.error}")
@@ -165,7 +166,7 @@ def check_agreement(root: Path, case: Case, edited: bytes) -> dict[str, str]:
     return states
 
 
-@settings(max_examples=40, deadline=None, print_blob=True,
+@settings(max_examples=30, deadline=None, print_blob=True,
           phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no shrinking: each example runs the tool
 @given(data=st.data())
 def test_status_and_revert_agree_for_any_edit_around_a_patched_line(applied, data) -> None:
@@ -184,7 +185,7 @@ def test_status_and_revert_agree_for_any_edit_around_a_patched_line(applied, dat
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
         shutil.copytree(template, root, symlinks=True)
-        check_agreement(root, case, "".join(edited).encode())
+        check_agreement(root, case, "".join(edited).encode(), verify=False)  # verify's rows: the plain tests
 
 
 # ---------------------------------------------------------------- the examples of issue 20, as plain tests
