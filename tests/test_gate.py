@@ -188,3 +188,19 @@ def test_an_applied_file_whose_backup_is_gone_gets_it_back_from_a_kept_copy(proj
     assert backup.read_bytes() == SAMPLE_BACKTEST and cli(project, "verify", CM).exit_code == 0
     assert cli(project, "revert", CM).exit_code == 0
     assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST
+
+
+def test_a_stacked_patch_whose_backup_is_gone_is_recorded_as_found_under_the_other(tmp_path: Path, cli) -> None:
+    root = tmp_path / "checkout"
+    shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    assert cli(root, "apply").exit_code == 0 and cli(root, "apply", "layer-region").exit_code == 0
+    (root / "toto" / "model" / "transformer.py.backup").unlink()  # spacewise-mask's, the lower one
+    assert cli(root, "verify").exit_code == 1
+    ran = cli(root, "apply")
+    assert ran.exit_code == 0 and "recorded as found" in ran.stdout, ran.stdout + ran.stderr
+    assert cli(root, "verify").exit_code == 0
+    ran = cli(root, "revert")
+    assert ran.exit_code == 0 and "nothing to undo" in ran.stdout, ran.stdout + ran.stderr
+    spacewise = by_id("spacewise-mask").load()
+    original = (installed_toto_package() / "model" / "transformer.py").read_text()
+    assert (root / "toto" / "model" / "transformer.py").read_text() == spacewise.rewrite(original, {}).source

@@ -54,6 +54,9 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
                 return replace(item, state=State.REFUSED, detail=f"applied with {options_text(recorded)}; "
                                "revert it first to apply other options"), []
             return _rerecord(ctx, manifest, ref, target, found, pending)
+        if found.state == State.APPLIED and entry is not None and found.data is not None \
+                and effective_options(ref, entry) == options and (problem := _backup_problem(ctx, entry)):
+            return _listed(*_rebacked(ctx, manifest, ref, target, item, entry, found.data, options, problem))
         if found.state != State.REPLACED:
             return _listed(*_act(ctx, ref, target, item, found, options, adopt_legacy, pending))
         item, change = _act(ctx, ref, target, item, classify(ctx, manifest, ref, target, options, data,
@@ -121,9 +124,6 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
         if recorded != options:
             return replace(item, state=State.REFUSED, detail=f"already applied with {options_text(recorded)}; "
                            "revert it first to apply other options"), None
-        if found.data is not None and sha256(found.data) == entry.after_sha256 and \
-                (problem := _backup_problem(ctx, entry)):
-            return _rebacked(ctx, ref, target, item, entry, found.data, options, problem)
         return replace(item, state=State.ALREADY_APPLIED), None
     if state == State.CONFLICT and entry is not None:
         return replace(item, state=State.CONFLICT, detail="recorded as applied, but the patched region was edited "
@@ -279,12 +279,13 @@ def _backup_problem(ctx: Context, entry: mf.Entry) -> str:
     return ""
 
 
-def _rebacked(ctx: Context, ref: PatchRef, target: Target, item: Item, entry: mf.Entry, data: bytes,
-              options: dict[str, str], problem: str) -> tuple[Item, Change | None]:
+def _rebacked(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, item: Item, entry: mf.Entry,
+              data: bytes, options: dict[str, str], problem: str) -> tuple[Item, Change | None]:
     """An applied file whose backup is gone or changed: verify would fail, so apply repairs the record.
 
     From a copy of the original found beside the file or in ``<state>/backups/``; where none is left, the
-    file is recorded as found (revert then leaves it as it is), and the detail says the original is lost.
+    patch is recorded as found (revert then leaves the file as this patch left it), and the detail says the
+    original is lost.
     """
     recorded = backup_path(ctx, entry)
     shown = ctx.layout.display(recorded)
@@ -306,7 +307,16 @@ def _rebacked(ctx: Context, ref: PatchRef, target: Target, item: Item, entry: mf
         return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}; recorded {found}, "
                        "which holds the original"), Change(target.path, data, data,
                                                           mf.JournalItem("add", moved, sha256(data)))
-    change = _change(ctx, ref.id, target, data, data, options, None, {})
+    try:  # what this patch left in the file: the file itself, or under patches stacked on it, their original
+        holds = data if sha256(data) == entry.after_sha256 else verified_backup(ctx, manifest.above(entry)[0])
+    except Abort as exc:
+        if exc.code != Code.STATE:
+            raise
+        return replace(item, state=State.REFUSED, detail=f"its backup {shown} {problem}, and so does the one of the "
+                       f"patch stacked on it ({exc}); revert --force of both restores what can be"), None
+    change = _change(ctx, ref.id, target, holds, holds, options, None, {})
+    assert change.journal is not None
+    change = replace(change, old=data, new=data, journal=replace(change.journal, result_sha256=sha256(data)))
     return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}, and no copy of the original "
                    f"(sha256 {entry.before_sha256[:12]}) is left: recorded as found, so revert leaves this file "
                    "as it is"), change
