@@ -329,7 +329,7 @@ def test_an_unknown_smoke_backend_is_rejected_up_front(project: Path, cli) -> No
 def upgrade_with_target(site: Path, version: str) -> None:
     """What `pip install --upgrade --no-deps --target SITE toto-ts==<version>` does: the package folders are
     replaced, the new dist-info is added, and the old dist-info stays beside it (pip keeps what it did not
-    install).  Checked against pip 25 with 0.1.4 -> 0.2.0 and back; built here from the installed copies."""
+    install).  Checked against pip 23.2 with 0.1.4 -> 0.2.0 and back; built here from the installed copies."""
     fresh = site_of(site.parent / f"target-{version}", version)
     shutil.rmtree(site / "toto")
     shutil.copytree(fresh / "toto", site / "toto")
