@@ -111,7 +111,7 @@ def test_cli_stacks_it_on_shared_prefill_and_reverts_exactly(tmp_path, cli, vers
     assert cli(root, "apply").exit_code == 0
     status = json.loads(cli(root, "status", "shared-prefill", "cuda-graphs", "--json").stdout)["items"]
     states = {i["patch"]: (i["state"], i["detail"]) for i in status}
-    assert states == {"shared-prefill": ("applied", "under cuda-graphs"), "cuda-graphs": ("applied", "")}
+    assert states == {"shared-prefill": ("applied", "sampling=exact, under cuda-graphs"), "cuda-graphs": ("applied", "")}
     refused = cli(root, "revert", "shared-prefill")
     assert refused.exit_code == 3 and "revert cuda-graphs first" in refused.stderr
     assert cli(root, "revert", "cuda-graphs").exit_code == 0

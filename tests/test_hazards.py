@@ -14,6 +14,8 @@ import pytest
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
 from totopatch import engine
+from totopatch.fsio import sha256
+from totopatch.layout import installed_as, toto_version
 from totopatch.patches import PATCHES
 from totopatch.state import open_context
 
@@ -322,3 +324,113 @@ def test_a_state_dir_that_is_a_file_is_a_usage_error(project: Path, cli, tmp_pat
 def test_an_unknown_smoke_backend_is_rejected_up_front(project: Path, cli) -> None:
     ran = cli(project, "verify", "--smoke", "--backend", "bogus")
     assert ran.exit_code == 2 and "'bogus' is not one of" in ran.stderr
+
+
+# ---------------------------------------------------------------- state found by the files' content, not names
+
+
+def upgrade_with_target(site: Path, version: str) -> None:
+    """What `pip install --upgrade --no-deps --target SITE toto-ts==<version>` does: the package folders are
+    replaced, the new dist-info is added, and the old dist-info stays beside it (pip keeps what it did not
+    install).  Checked against pip 23.2 with 0.1.4 -> 0.2.0 and back; built here from the installed copies."""
+    fresh = site_of(site.parent / f"target-{version}", version)
+    shutil.rmtree(site / "toto")
+    shutil.copytree(fresh / "toto", site / "toto")
+    shutil.rmtree(site / f"toto_ts-{version}.dist-info", ignore_errors=True)
+    shutil.copytree(fresh / f"toto_ts-{version}.dist-info", site / f"toto_ts-{version}.dist-info")
+
+
+def test_the_version_is_read_from_the_files_where_pip_left_two_dist_infos(tmp_path: Path) -> None:
+    site = site_of(tmp_path, "0.1.4")
+    assert toto_version(site) == "0.1.4"
+    upgrade_with_target(site, "0.2.0")
+    assert sorted(p.name for p in site.glob("toto_ts-*.dist-info")) == ["toto_ts-0.1.4.dist-info",
+                                                                       "toto_ts-0.2.0.dist-info"]
+    assert toto_version(site) == "0.2.0"
+    forecaster = site / "toto" / "inference" / "forecaster.py"
+    assert installed_as(site, "toto/inference/forecaster.py", sha256(forecaster.read_bytes())) == "0.2.0"
+    upgrade_with_target(site, "0.1.4")
+    assert toto_version(site) == "0.1.4"
+
+
+def test_an_upgrade_that_leaves_the_old_dist_info_is_replaced_and_patched_again(tmp_path: Path, cli) -> None:
+    """Issue 20: transformer.py and forecaster.py were `conflict` ("edited inside the patched region") and apply exited 3."""
+    site = site_of(tmp_path, "0.1.4")
+    assert cli(site, "apply").exit_code == 0
+    upgrade_with_target(site, "0.2.0")
+    fresh = {k: v[:2] for k, v in snapshot(site / "toto").items()}
+    rows = json.loads(cli(site, "status", "--json").stdout)["items"]
+    toto_rows = [r for r in rows if r["state"] != "not-present"]
+    assert toto_rows and all(r["state"] == "replaced" and "0.1.4, now 0.2.0" in r["detail"] for r in toto_rows), rows
+    assert cli(site, "status", "--check").exit_code == 1
+    ran = cli(site, "apply")
+    assert ran.exit_code == 0 and ran.stdout.count("dropped the stale record") == len(toto_rows), ran.stdout + ran.stderr
+    assert cli(site, "verify").exit_code == 0
+    recorded = json.loads((site / ".totopatch" / "manifest.json").read_text())["entries"]
+    assert {e["toto_version"] for e in recorded} == {"0.2.0"}
+    assert cli(site, "revert").exit_code == 0
+    assert {k: v[:2] for k, v in snapshot(site / "toto").items()} == fresh
+
+
+@pytest.mark.parametrize(("first", "then"), [("0.2.0", "0.1.4"), ("0.1.4", "0.2.0")])
+def test_the_import_note_never_calls_a_copy_patched_that_holds_no_patch(tmp_path: Path, cli, monkeypatch,
+                                                                        first: str, then: str) -> None:
+    """Issue 20: after a downgrade every row said `replaced` and the note "resolves to the patched copy"."""
+    site = site_of(tmp_path, first)
+    monkeypatch.setattr("totopatch.status.installed_toto", lambda: site)  # `import toto` finds this folder
+    assert cli(site, "apply").exit_code == 0
+    assert "resolves to the patched copy" in cli(site, "status").stdout
+    upgrade_with_target(site, then)
+    for args in (["status"], ["status", CM], ["verify"]):
+        ran = json.loads(cli(site, *args, "--json").stdout)
+        holds = any(i["state"] in ("applied", "drifted") and i["target"] != "backtest" for i in ran["items"])
+        claims = any("the patched copy" in n for n in ran["notes"])
+        assert not holds and not claims, ran
+    assert cli(site, "apply").exit_code == 0
+    assert "resolves to the patched copy" in cli(site, "status").stdout
+
+
+def test_installed_state_recording_the_backtest_is_found_from_any_directory(tmp_path: Path) -> None:
+    """Issue 20: compile-mode recorded from a project folder made `--installed status --check` exit 2 elsewhere."""
+    site, project, other = site_of(tmp_path, "0.2.0"), tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), other.mkdir()
+    script = project / "backtest_test3_inline.py"
+    script.write_bytes(SAMPLE_BACKTEST)
+    assert totopatch("--installed", "apply", CM, cwd=project, site=site).returncode == 0
+    ran = totopatch("--installed", "status", CM, "--check", cwd=other, site=site)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    doctor = json.loads(totopatch("--installed", "doctor", "--json", cwd=other, site=site).stdout)
+    assert {p["patch"]: p["state"] for p in doctor["patches"]}[CM] == "applied"
+    assert totopatch("--installed", "apply", cwd=other, site=site).returncode == 0
+    for folder in (other, project, tmp_path):
+        assert totopatch("--installed", "status", "--check", cwd=folder, site=site).returncode == 0
+    named = totopatch("--installed", "--root", str(other), "status", cwd=other, site=site)  # a root named: refused
+    assert named.returncode == 2 and str(project) in named.stderr
+    assert totopatch("--installed", "revert", cwd=other, site=site).returncode == 0
+    assert script.read_bytes() == SAMPLE_BACKTEST
+
+
+def test_a_backtest_named_once_is_found_by_its_record(project: Path, cli) -> None:
+    script = project / "scripts" / "my_backtest.py"
+    script.parent.mkdir()
+    (project / "backtest_test3_inline.py").rename(script)
+    assert cli(project, "--backtest", str(script), "apply", CM).exit_code == 0
+    status = cli(project, "status", CM, "--check")
+    assert status.exit_code == 0 and "my_backtest.py" in status.stdout
+    assert cli(project, "revert", CM).exit_code == 0 and script.read_bytes() == SAMPLE_BACKTEST
+
+
+def test_a_recorded_opt_in_patch_is_listed_by_status_and_verify(project: Path, cli) -> None:
+    """Issue 20: an applied layer-region never appeared in `status`, `verify` or their JSON."""
+    assert cli(project, "apply").exit_code == 0
+    assert "layer-region" not in cli(project, "status").stdout  # opt-in, not recorded: not listed
+    assert cli(project, "apply", "layer-region").exit_code == 0
+    for command in ("status", "verify"):
+        rows = json.loads(cli(project, command, "--json").stdout)["items"]
+        assert [r["state"] for r in rows if r["patch"] == "layer-region"] == ["applied"], rows
+        assert "layer-region" in cli(project, command).stdout
+    transformer = project / "toto" / "toto" / "model" / "transformer.py"
+    transformer.write_bytes((installed_toto_package() / "model" / "transformer.py").read_bytes())
+    assert cli(project, "status", "--check").exit_code == 1  # layer-region replaced: the gate sees it
+    assert cli(project, "apply").exit_code == 0  # and a plain apply patches it again
+    assert cli(project, "status", "--check").exit_code == 0

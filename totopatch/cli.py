@@ -30,7 +30,7 @@ JSON_FLAG = "--json"
 
 @dataclass(frozen=True)
 class Where:
-    root: Path
+    root: Path | None  # None: not named, the working directory
     installed: bool
     backtest: Path | None
     state_dir: Path | None
@@ -120,6 +120,11 @@ def _with_environment(context: Context, report: Report) -> Report:
     return report
 
 
+def _selected(ids: tuple[str, ...]) -> list | None:
+    """The patches named; None where none is (the engine then takes the default and every recorded one)."""
+    return engine.select(PATCHES, ids) if ids else None
+
+
 json_option = click.option(JSON_FLAG, "as_json_output", is_flag=True,
                            help="Print one JSON object on stdout, errors included (schema in README).")
 patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
@@ -127,8 +132,9 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 
 @click.group(name="totopatch", cls=TotopatchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="totopatch")
-@click.option("--root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="Project root: holds the Toto tree, the backtest script and .totopatch/.")
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="Project root: holds the Toto tree, the backtest script and .totopatch/ [default: ., or with "
+              "--installed the root its state records].")
 @click.option("--installed", is_flag=True, help="Patch the toto package that `import toto` resolves to.")
 @click.option("--backtest", type=click.Path(path_type=Path), default=None,
               help="Backtest script, which must then exist [default: <root>/backtest_test3_inline.py, if present].")
@@ -138,7 +144,7 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 @click.option("--no-color", is_flag=True, help="Never colour diffs (they are coloured only on a terminal without NO_COLOR).")
 @json_option
 @click.pass_context
-def main(ctx: click.Context, root: Path, installed: bool, backtest: Path | None, state_dir: Path | None,
+def main(ctx: click.Context, root: Path | None, installed: bool, backtest: Path | None, state_dir: Path | None,
          no_color: bool, as_json_output: bool) -> None:
     """Safe, reversible patches that make Toto fast under torch.compile."""
     ctx.obj = Where(root, installed, backtest, state_dir)
@@ -174,7 +180,7 @@ def list_patches(as_json_output: bool) -> Output:
 def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode: str | None, sampling: str | None,
           adopt_legacy: bool, as_json_output: bool) -> Output:
     """Apply all default patches, or only those named."""
-    refs = engine.select(PATCHES, patch_ids)
+    refs = _selected(patch_ids)
     options = {"compile_mode": compile_mode} if compile_mode else {}
     if sampling:
         options["sampling"] = sampling
@@ -190,7 +196,7 @@ def apply(where: Where, patch_ids: tuple[str, ...], dry_run: bool, compile_mode:
 def status(where: Where, patch_ids: tuple[str, ...], check: bool, as_json_output: bool) -> Output:
     """Show what is applied, drifted, missing or in conflict. Never writes."""
     context = where.context()
-    return _output(_with_environment(context, engine.status(context, engine.select(PATCHES, patch_ids), check=check)))
+    return _output(_with_environment(context, engine.status(context, _selected(patch_ids), check=check)))
 
 
 @main.command()
@@ -208,7 +214,7 @@ def verify(where: Where, patch_ids: tuple[str, ...], smoke: bool, device: str, b
            compile_mode: str | None, as_json_output: bool) -> Output:
     """Prove the applied patches: structure, hashes, backups and, with --smoke, a compile test."""
     context = where.context()
-    report = _with_environment(context, engine.verify(context, engine.select(PATCHES, patch_ids)))
+    report = _with_environment(context, engine.verify(context, _selected(patch_ids)))
     if smoke and report.code in (Code.OK, Code.NOT_DESIRED):
         report = attach_smoke(context, report, device, backend, compile_mode,
                               progress=lambda phase: click.echo(f"smoke: {phase}", err=True))
@@ -249,8 +255,9 @@ def doctor(where: Where, as_json_output: bool) -> Output:
     """Where you stand: Python, torch, which Toto is imported, patch states, environment, advice."""
     from . import doctor as dr
 
-    if not where.root.is_dir():
-        raise engine.Abort(Code.USAGE, f"{where.root}: --root is not a directory")
+    root = where.root or Path(".")
+    if not root.is_dir():
+        raise engine.Abort(Code.USAGE, f"{root}: --root is not a directory")
     found = dr.examine(where.root, where.installed, where.backtest, where.state_dir, os.environ)
     return Output(found.code, dr.as_text(found), dr.as_json(found))
 

@@ -26,6 +26,7 @@ from .render import envelope, note_line
 from .layout import Layout, LayoutError, installed_toto, locate, state_dir_for, toto_version, user_state_dir
 from .patches import PATCHES
 from .spec import PatchRef
+from .state import recorded_root, with_recorded_backtest
 
 OK, PROBLEM, STATE = 0, 1, 7  # exit codes; STATE as everywhere: the manifest cannot be trusted
 
@@ -85,13 +86,18 @@ class Doctor:
     code: int = OK
 
 
-def examine(root: Path, installed: bool, backtest: Path | None, state_dir: Path | None,
+def examine(root: Path | None, installed: bool, backtest: Path | None, state_dir: Path | None,
             env: Mapping[str, str]) -> Doctor:
-    """Everything ``doctor`` shows; ``root`` must be a directory."""
+    """Everything ``doctor`` shows; ``root`` must be a directory (None: the working directory, not named)."""
+    named, root = root is not None, root or Path(".")
     manifest, untrusted = _manifest(state_dir_for(root, state_dir))
     layout, where, is_installed = _layout(root, installed, backtest, state_dir, manifest.toto_dir)
     if is_installed and layout is not None and state_dir is None:  # the installed copy's state is per user
         manifest, untrusted = _manifest(user_state_dir(layout.toto_parent))
+        if not named and backtest is None and (theirs := recorded_root(manifest)) is not None:
+            layout = locate(theirs, True, None)  # as `status` finds it, whatever the working directory
+    if layout is not None:
+        layout = with_recorded_backtest(layout, manifest, backtest)
     problems = [untrusted] if untrusted else []
     imported = installed_toto()
     patches = [_patch(layout, manifest, ref) for ref in PATCHES] if layout else []

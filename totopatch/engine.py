@@ -13,7 +13,7 @@ from .plan_apply import plan as plan_apply
 from .plan_revert import plan as plan_revert, plan_forget, select as select_entries
 from .spec import PatchRef
 from .state import Context
-from .status import status, verify
+from .status import selected, status, verify
 from .transaction import run
 
 __all__ = ["GOOD_STATES", "REFUSING_STATES", "Abort", "Code", "Context", "Item", "Report", "State",
@@ -21,7 +21,8 @@ __all__ = ["GOOD_STATES", "REFUSING_STATES", "Abort", "Code", "Context", "Item",
 
 
 def select(patches: Iterable[PatchRef], ids: tuple[str, ...]) -> list[PatchRef]:
-    """The patches named (all default ones when none is), in registry order."""
+    """The patches named (all default ones when none is), in registry order; the commands take None for
+    "none named", which adds every patch the manifest records to the default ones."""
     patches = list(patches)
     known = {p.id for p in patches}
     unknown = [i for i in ids if i not in known]
@@ -30,11 +31,13 @@ def select(patches: Iterable[PatchRef], ids: tuple[str, ...]) -> list[PatchRef]:
     return [p for p in patches if (p.id in ids if ids else p.default)]
 
 
-def apply(ctx: Context, refs: list[PatchRef], options: Mapping[str, str] | None = None, *, dry_run: bool = False,
-          adopt_legacy: bool = False) -> Report:
-    """Apply ``refs``; ``options`` holds only what was asked for: the rest keeps what was recorded, else defaults."""
+def apply(ctx: Context, refs: list[PatchRef] | None = None, options: Mapping[str, str] | None = None, *,
+          dry_run: bool = False, adopt_legacy: bool = False) -> Report:
+    """Apply ``refs`` (None: the default patches and every recorded one); ``options`` holds only what was asked
+    for: the rest keeps what was recorded, else defaults."""
     report = Report("apply")
-    return run(ctx, report, lambda m: plan_apply(ctx, report, m, refs, options or {}, adopt_legacy), dry_run=dry_run)
+    return run(ctx, report, lambda m: plan_apply(ctx, report, m, selected(refs, m), options or {}, adopt_legacy),
+               dry_run=dry_run)
 
 
 def revert(ctx: Context, refs: list[PatchRef], *, dry_run: bool = False, force: bool = False,

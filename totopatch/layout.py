@@ -1,6 +1,7 @@
 """Where the files are: the Toto tree, the backtest script and the state folder."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.machinery
 import os
@@ -138,10 +139,69 @@ def _backtest_rel(root: Path, backtest: Path | None) -> str:
     return Path(rel).as_posix()
 
 
-def toto_version(toto_parent: Path) -> str | None:
-    """The toto-ts version installed beside the package, read from its dist-info, if any."""
-    for meta in sorted(toto_parent.glob("toto_ts-*.dist-info/METADATA")):
-        match = re.search(r"^Version: (\S+)$", meta.read_text(errors="replace"), re.M)
+@dataclass(frozen=True)
+class Installed:
+    """One ``toto_ts-*.dist-info`` beside the package: its version and the sha256 of every file pip installed."""
+
+    version: str
+    hashes: dict[str, str]  # path relative to the folder holding ``toto`` (posix) -> sha256 hex
+
+    def matching(self, toto_parent: Path) -> int:
+        """How many of the package's files still hold the bytes this release installed."""
+        return sum(1 for rel, digest in self.hashes.items()
+                   if rel.startswith("toto/") and _file_sha256(toto_parent / rel) == digest)
+
+
+def installed_releases(toto_parent: Path) -> list[Installed]:
+    """Every toto-ts dist-info beside the package; ``pip install --upgrade --target`` leaves the old one there."""
+    found = []
+    for info in sorted(toto_parent.glob("toto_ts-*.dist-info")):
+        try:
+            meta = (info / "METADATA").read_text(errors="replace")
+            record = (info / "RECORD").read_text(errors="replace") if (info / "RECORD").is_file() else ""
+        except OSError:
+            continue
+        match = re.search(r"^Version: (\S+)$", meta, re.M)
         if match:
-            return match.group(1)
-    return None
+            found.append(Installed(match.group(1), _record_hashes(record)))
+    return found
+
+
+def toto_version(toto_parent: Path) -> str | None:
+    """The toto-ts release installed beside the package, decided by the files' bytes where pip left several.
+
+    With one dist-info, its version.  With more (an upgrade with ``--target`` keeps the old one), the release
+    whose RECORD matches the most files on disk; None where none matches more files than the others.
+    """
+    releases = installed_releases(toto_parent)
+    if len(releases) <= 1:
+        return releases[0].version if releases else None
+    counts = sorted(((r.matching(toto_parent), r.version) for r in releases), reverse=True)
+    (best, version), (second, _) = counts[0], counts[1]
+    return version if best > second else None
+
+
+def installed_as(toto_parent: Path, rel: str, digest: str) -> str | None:
+    """The toto-ts release whose RECORD lists ``rel`` with exactly these bytes (sha256 hex), if any."""
+    return next((r.version for r in reversed(installed_releases(toto_parent)) if r.hashes.get(rel) == digest), None)
+
+
+def _record_hashes(record: str) -> dict[str, str]:
+    """RECORD's ``path,sha256=<urlsafe base64>,size`` lines as path -> sha256 hex."""
+    hashes = {}
+    for line in record.splitlines():
+        path, _, rest = line.partition(",")
+        algorithm, _, value = rest.partition(",")[0].partition("=")
+        if algorithm == "sha256" and value:
+            try:
+                hashes[path] = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+            except ValueError:
+                continue
+    return hashes
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None

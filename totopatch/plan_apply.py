@@ -14,9 +14,10 @@ from .outcome import REFUSING_STATES, Abort, Code, Item, Report, State
 from .reading import read, text
 from .spec import Patch, PatchRef, Refusal, Rewrite
 from .state import Context
-from .status import Finding, backup_path, classify, effective_options, options_text, targets
+from .status import Finding, classify, effective_options, options_text, targets
 from .textio import SourceError, check_syntax
 from .transaction import Change
+from .undo import How, backup_path, unstack, verified_backup
 
 
 def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRef], given: Mapping[str, str],
@@ -25,18 +26,20 @@ def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRe
     changes: list[Change] = []
     for ref in refs:
         for target in targets(ctx, ref):
-            item, change = _plan_one(ctx, manifest, ref, target, pending, given, adopt_legacy)
+            item, planned = _plan_one(ctx, manifest, ref, target, pending, given, adopt_legacy)
             report.items.append(item)
-            if change is not None:
+            for change in planned:
                 changes.append(change)
                 if change.new is not None:
                     pending[target.path] = change.new
+                if change.journal is not None and change.new == change.old:  # recorded as it stands:
+                    manifest = manifest.with_entry(change.journal.entry)  # later patches of the run see it
     return changes
 
 
 def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, pending: dict[Path, bytes],
-              given: Mapping[str, str], adopt_legacy: bool) -> tuple[Item, Change | None]:
-    item = Item(ref.id, target.key, ctx.layout.display(target.path), "")
+              given: Mapping[str, str], adopt_legacy: bool) -> tuple[Item, list[Change]]:
+    item = _item(ctx, ref, target)
     try:
         data = pending[target.path] if target.path in pending else read(target.path)
         entry = manifest.find(ref.id, target.base, target.rel)
@@ -46,15 +49,70 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
             # stacked on a patch planned in this run: the disk says whether the file was replaced since
             on_disk = classify(ctx, manifest, ref, target, options, read(target.path))
             found = on_disk if on_disk.state == State.REPLACED else found
+        if found.state == State.DRIFTED and entry is not None:
+            if (recorded := effective_options(ref, entry)) != options:
+                return replace(item, state=State.REFUSED, detail=f"applied with {options_text(recorded)}; "
+                               "revert it first to apply other options"), []
+            return _rerecord(ctx, manifest, ref, target, found, pending)
+        if found.state == State.APPLIED and entry is not None and found.data is not None \
+                and effective_options(ref, entry) == options and (problem := _backup_problem(ctx, entry)):
+            return _listed(*_rebacked(ctx, manifest, ref, target, item, entry, found.data, options, problem))
         if found.state != State.REPLACED:
-            return _act(ctx, ref, target, item, found, options, adopt_legacy, pending)
+            return _listed(*_act(ctx, ref, target, item, found, options, adopt_legacy, pending))
         item, change = _act(ctx, ref, target, item, classify(ctx, manifest, ref, target, options, data,
                                                               ignore_entry=True), options, adopt_legacy, pending)
-        return _drop_stale(ctx, item, change, found)
+        return _listed(*_drop_stale(ctx, item, change, found))
     except Abort as exc:
         if exc.code != Code.REFUSED:
             raise
-        return replace(item, state=State.REFUSED, detail=str(exc)), None
+        return replace(item, state=State.REFUSED, detail=str(exc)), []
+
+
+def _listed(item: Item, change: Change | None) -> tuple[Item, list[Change]]:
+    return item, [change] if change is not None else []
+
+
+def _item(ctx: Context, ref: PatchRef, target: Target) -> Item:
+    return Item(ref.id, target.key, ctx.layout.display(target.path), "")
+
+
+def _rerecord(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, found: Finding,
+              pending: dict[Path, bytes]) -> tuple[Item, list[Change]]:
+    """Record a drifted file as it now stands, so the gate passes: each patch of its stack gets as original
+    what revert gives back (the user's edits kept); the earlier originals are kept in ``<state>/backups/``."""
+    item = _item(ctx, ref, target)
+    assert found.entry is not None and found.data is not None
+    data = found.data
+    current = sha256(data)
+    steps = unstack(ctx, manifest, found.entry, data)
+    stuck = [(e, u) for e, _, u in steps if u.how not in (How.RESTORE, How.MERGED, How.ORIGINAL)]
+    if stuck:
+        entry, undo = stuck[0]
+        return replace(item, state=State.CONFLICT, detail=f"edited since apply; {entry.patch} cannot be taken "
+                       f"out ({undo.detail}); see `totopatch status`, or revert --force"), []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    changes, others = [], []
+    for entry, holds, undo in steps:
+        assert undo.result is not None
+        if sha256(holds) == entry.after_sha256:
+            continue  # still as recorded
+        backup_base, backup_rel, create = _backup_place(ctx, target, undo.result, {**pending, target.path: data})
+        rebased = replace(entry, before_sha256=sha256(undo.result), after_sha256=sha256(holds),
+                          backup_base=backup_base, backup=backup_rel, backup_sha256=sha256(undo.result),
+                          backup_created=create, totopatch_version=__version__, applied_at=stamp,
+                          toto_version=toto_version(ctx.layout.toto_parent) if target.base == "toto" else None)
+        first, remove = keep_aside(ctx, entry)
+        if create:
+            first += ((ctx.layout.resolve(backup_base, backup_rel), undo.result),)
+        changes.append(Change(target.path, data, data, mf.JournalItem("add", rebased, current), first, remove))
+        if entry.patch != ref.id:
+            others.append(entry.patch)
+    stacked = f" (and {', '.join(others)} in the same file)" if others else ""
+    bottom = steps[-1][0]
+    kept = backup_path(ctx, bottom) if bottom.backup_base == "state" or not bottom.backup_created else \
+        ctx.layout.state_dir / "backups" / bottom.backup_sha256
+    return replace(item, state=State.RECORDED, detail=f"re-recorded as it now stands{stacked}: revert keeps your "
+                   f"later edits; the original before them is kept at {ctx.layout.display(kept)}"), changes
 
 
 def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding, options: dict[str, str],
@@ -67,8 +125,6 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
             return replace(item, state=State.REFUSED, detail=f"already applied with {options_text(recorded)}; "
                            "revert it first to apply other options"), None
         return replace(item, state=State.ALREADY_APPLIED), None
-    if state == State.DRIFTED:
-        return replace(item, state=State.ALREADY_APPLIED, detail="with later edits outside the patched region"), None
     if state == State.CONFLICT and entry is not None:
         return replace(item, state=State.CONFLICT, detail="recorded as applied, but the patched region was edited "
                        "since; see `totopatch status`, or revert --force"), None
@@ -207,8 +263,63 @@ def _plan_unrecorded(ctx: Context, patch: Patch, target: Target, item: Item, dat
                                detail=f"already patched; recorded with {ctx.layout.display(backup)} as original"), change
         except (Refusal, Abort):
             continue
-    return replace(item, state=State.ALREADY_APPLIED,
-                   detail="patched, but no backup of the original was found: revert cannot undo it"), None
+    change = _change(ctx, patch.id, target, data, data, options, None, {})
+    return replace(item, state=State.RECORDED, detail="already patched, and no backup holds an earlier original: "
+                   "recorded as found (revert leaves this file as it is)"), change
+
+
+def _backup_problem(ctx: Context, entry: mf.Entry) -> str:
+    """Why revert could not restore this entry's original from its backup, or '' where it could."""
+    try:
+        verified_backup(ctx, entry)
+    except Abort as exc:
+        if exc.code != Code.STATE:
+            raise
+        return "is missing" if read(backup_path(ctx, entry)) is None else "no longer holds the original"
+    return ""
+
+
+def _rebacked(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, item: Item, entry: mf.Entry,
+              data: bytes, options: dict[str, str], problem: str) -> tuple[Item, Change | None]:
+    """An applied file whose backup is gone or changed: verify would fail, so apply repairs the record.
+
+    From a copy of the original found beside the file or in ``<state>/backups/``; where none is left, the
+    patch is recorded as found (revert then leaves the file as this patch left it), and the detail says the
+    original is lost.
+    """
+    recorded = backup_path(ctx, entry)
+    shown = ctx.layout.display(recorded)
+    for candidate in [ctx.layout.state_dir / "backups" / entry.before_sha256, *_backup_candidates(ctx, target)]:
+        try:
+            original = read(candidate)
+        except Abort:
+            continue
+        if original is None or candidate == recorded or sha256(original) != entry.before_sha256:
+            continue
+        found = ctx.layout.display(candidate)
+        if read(recorded) is None:  # made again where the manifest expects it
+            return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}; made again from "
+                           f"{found}, which holds the original"), Change(target.path, data, data, None,
+                                                                          ((recorded, original),))
+        base, rel = ("state", candidate.relative_to(ctx.layout.state_dir).as_posix()) \
+            if candidate.is_relative_to(ctx.layout.state_dir) else (target.base, target.rel + ".backup")
+        moved = replace(entry, backup_base=base, backup=rel, backup_sha256=entry.before_sha256, backup_created=False)
+        return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}; recorded {found}, "
+                       "which holds the original"), Change(target.path, data, data,
+                                                          mf.JournalItem("add", moved, sha256(data)))
+    try:  # what this patch left in the file: the file itself, or under patches stacked on it, their original
+        holds = data if sha256(data) == entry.after_sha256 else verified_backup(ctx, manifest.above(entry)[0])
+    except Abort as exc:
+        if exc.code != Code.STATE:
+            raise
+        return replace(item, state=State.REFUSED, detail=f"its backup {shown} {problem}, and so does the one of the "
+                       f"patch stacked on it ({exc}); revert --force of both restores what can be"), None
+    change = _change(ctx, ref.id, target, holds, holds, options, None, {})
+    assert change.journal is not None
+    change = replace(change, old=data, new=data, journal=replace(change.journal, result_sha256=sha256(data)))
+    return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}, and no copy of the original "
+                   f"(sha256 {entry.before_sha256[:12]}) is left: recorded as found, so revert leaves this file "
+                   "as it is"), change
 
 
 def _backup_candidates(ctx: Context, target: Target) -> list[Path]:

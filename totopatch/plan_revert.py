@@ -7,15 +7,12 @@ from pathlib import Path
 
 from . import manifest as mf
 from .fsio import sha256
-from .merge import three_way
-from .outcome import Abort, Item, Report, State
+from .outcome import Item, Report, State
 from .patches import by_id
 from .plan_apply import keep_aside
-from .reading import diff, read, text
-from .spec import Refusal
+from .reading import diff, read
 from .state import Context
-from .status import backup_path, replaced, verified_backup
-from .textio import SourceError, check_syntax
+from .undo import How, backup_path, expected_after, replaced, take_out
 from .transaction import Change
 
 
@@ -76,81 +73,38 @@ def _forget(ctx: Context, entry: mf.Entry, path: Path, data: bytes | None, why: 
 
 def _plan_one(ctx: Context, manifest: mf.Manifest, entry: mf.Entry, pending: dict[Path, bytes | None],
               force: bool) -> tuple[Item, Change | None]:
+    """Write what ``undo.take_out`` decides (the decision status reports), or with --force the original."""
     path = ctx.layout.resolve(entry.base, entry.file)
     item = _item(ctx, entry, path)
     data = pending[path] if path in pending else read(path)
-    if data is None:
-        return _forget(ctx, entry, path, None, "the file is gone")
-    current = sha256(data)
-    if current != entry.after_sha256 and (why := replaced(ctx, entry, current, manifest)) \
-            and current != entry.before_sha256:
-        return _forget(ctx, entry, path, data, why)  # never one version's bytes into another
+    undo = take_out(ctx, manifest, entry, data)
     remove = mf.JournalItem("remove", entry, entry.before_sha256)
-    if current == entry.before_sha256:  # needs no backup: it may have gone with a reinstall
-        return replace(item, state=State.REVERTED, detail="already the original; dropped from the manifest"), \
+    if undo.how == How.FORGET:
+        return _forget(ctx, entry, path, data, undo.detail)
+    assert data is not None
+    if undo.how == How.ORIGINAL:
+        return replace(item, state=State.REVERTED, detail=f"{undo.detail}; dropped from the manifest"), \
             Change(path, data, data, remove)
-    before = verified_backup(ctx, entry)
-    if current == entry.after_sha256:
+    assert undo.before is not None
+    before = undo.before
+    if undo.how == How.RESTORE:
         return replace(item, state=State.REVERTED, diff=diff(path, data, before, item.file)), \
             Change(path, data, before, remove)
-    merged = _merge_out(entry, path, data, before)
-    if merged is not None:
-        journal = mf.JournalItem("remove", entry, sha256(merged))
-        return replace(item, state=State.REVERTED, detail="merged: your later edits were kept",
-                       diff=diff(path, data, merged, item.file)), Change(path, data, merged, journal)
-    change_diff = diff(path, _expected_after(entry, path, before) or before, data, item.file)
+    if undo.how == How.MERGED:
+        assert undo.result is not None
+        journal = mf.JournalItem("remove", entry, sha256(undo.result))
+        return replace(item, state=State.REVERTED, detail=f"merged: {undo.detail}",
+                       diff=diff(path, data, undo.result, item.file)), Change(path, data, undo.result, journal)
+    change_diff = diff(path, expected_after(ctx, entry, before) or before, data, item.file)
     unknown = "" if by_id(entry.patch) else f"recorded by patch {entry.patch}, which this totopatch does not know; "
     if not force:
-        return replace(item, state=State.CONFLICT, detail=f"{unknown}edited inside the patched region since apply; "
+        return replace(item, state=State.CONFLICT, detail=f"{unknown}{undo.detail}; "
                        "revert --force restores the original and saves your version aside", diff=change_diff), None
+    current = sha256(data)
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     aside = ctx.layout.state_dir / "saved" / f"{Path(entry.file).name}.{stamp}.{current[:12]}"
     return replace(item, state=State.REVERTED, detail=f"forced: your version was saved to {ctx.layout.display(aside)}",
                    diff=change_diff), Change(path, data, before, remove, first=((aside, data),))
-
-
-def _expected_after(entry: mf.Entry, path: Path, before: bytes) -> bytes | None:
-    """What the patch makes of the original, if that still hashes to what the manifest recorded."""
-    ref = by_id(entry.patch)
-    if ref is None:
-        return None
-    source, encode = text(path, before)
-    try:
-        after = encode(ref.load().rewrite(source, _options(entry)).source)
-    except Refusal:
-        return None
-    return after if sha256(after) == entry.after_sha256 else None
-
-
-def _options(entry: mf.Entry) -> dict[str, str]:
-    from .status import effective_options
-
-    ref = by_id(entry.patch)
-    return effective_options(ref, entry) if ref else dict(entry.options)
-
-
-def _merge_out(entry: mf.Entry, path: Path, data: bytes, before: bytes) -> bytes | None:
-    """The user's file with only the patch's change taken out, proven by re-applying the patch."""
-    ref = by_id(entry.patch)
-    after = _expected_after(entry, path, before)
-    if after is None or ref is None:
-        return None
-    try:
-        after_text, _ = text(path, after)
-        before_text, _ = text(path, before)
-        current_text, encode = text(path, data)
-    except Abort:
-        return None
-    merged = three_way(after_text, current_text, before_text)
-    if merged is None:
-        return None
-    try:
-        check_syntax(merged, str(path))
-        if ref.load().rewrite(merged, _options(entry)).source != current_text:
-            return None
-    except (Refusal, SourceError):
-        return None
-    return encode(merged)
 
 
 def _drop_unneeded_backups(ctx: Context, manifest: mf.Manifest, reverted: list[mf.Entry],

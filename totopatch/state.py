@@ -39,25 +39,54 @@ class Loaded:
     recorded: mf.Manifest  # the manifest as it is on disk
 
 
-def open_context(root: Path, installed: bool = False, backtest: Path | None = None,
+def open_context(root: Path | None, installed: bool = False, backtest: Path | None = None,
                  state_dir: Path | None = None) -> Context:
-    """Find the tree and its state folder; raise Abort(USAGE) naming what was expected."""
+    """Find the tree and its state folder; raise Abort(USAGE) naming what was expected.
+
+    ``root`` None means none was named (the working directory).  With ``--installed`` the state belongs to
+    the package, so a root not named is the one the state records, whatever the working directory.  A
+    backtest script not named is the one the state records.
+    """
     if state_dir is not None and state_dir.exists() and not state_dir.is_dir():
         raise Abort(Code.USAGE, f"{state_dir}: --state-dir must be a folder, found a file")
+    named = root is not None
+    root = Path(".") if root is None else root
     try:
         if installed:
             layout = locate(root, True, backtest)
             state = (state_dir or user_state_dir(layout.toto_parent)).absolute()
-            return Context(replace(layout, state_dir=state), backups_in_state=True)
+            recorded = _recorded(state)
+            if not named and backtest is None and (theirs := recorded_root(recorded)) is not None:
+                layout = locate(theirs, True, None)
+            return Context(replace(with_recorded_backtest(layout, recorded, backtest), state_dir=state),
+                           backups_in_state=True)
         recorded = _recorded(state_dir_for(root, state_dir)) if root.is_dir() else None
         layout = locate(root, False, backtest, state_dir, recorded.toto_dir if recorded else None)
         if state_dir is None and recorded is None and (owner := _ancestor_owning(layout)) is not None:
             layout = replace(locate(owner, False, backtest), toto_parent=layout.toto_parent)
+            recorded = _recorded(layout.state_dir)
+        layout = with_recorded_backtest(layout, recorded, backtest)
     except LayoutError as exc:
         raise Abort(Code.USAGE, str(exc)) from None
     if layout.state_dir.exists() and not layout.state_dir.is_dir():
         raise Abort(Code.USAGE, f"{layout.state_dir}: the state folder is a file; move it, or use --state-dir DIR")
     return Context(layout, backups_in_state=state_dir is not None)
+
+
+def recorded_root(recorded: mf.Manifest | None) -> Path | None:
+    """The root a state records files under, where it records any and that folder is still there."""
+    if recorded is None or not recorded.root or not any(e.base == "root" for e in recorded.entries):
+        return None
+    root = Path(recorded.root)
+    return root if root.is_dir() else None
+
+
+def with_recorded_backtest(layout: Layout, recorded: mf.Manifest | None, backtest: Path | None) -> Layout:
+    """The layout with the backtest script the state records, where none was named."""
+    if backtest is not None or recorded is None:
+        return layout
+    rel = next((e.file for e in recorded.entries if e.base == "root"), None)
+    return replace(layout, backtest_rel=rel) if rel is not None else layout
 
 
 def _recorded(state: Path) -> mf.Manifest | None:
@@ -121,9 +150,17 @@ def check_owner(ctx: Context, recorded: mf.Manifest) -> None:
         if their_toto is not None:
             their_toto = Path(os.path.normpath(root / os.path.relpath(their_toto, their_root)))
         their_root = root
-    if their_toto is not None and their_toto != toto and any(e.base == "toto" for e in recorded.entries):
+    if their_toto is not None and not _same(their_toto, toto) and any(e.base == "toto" for e in recorded.entries):
         raise Abort(Code.USAGE, f"{layout.state_dir}: this state belongs to the Toto tree {their_toto}, "
                     f"not {toto}; use that tree's state, or another --state-dir for this one")
-    if their_root is not None and their_root != root and any(e.base == "root" for e in recorded.entries):
+    if their_root is not None and not _same(their_root, root) and any(e.base == "root" for e in recorded.entries):
         raise Abort(Code.USAGE, f"{layout.state_dir}: this state belongs to the root {their_root}, not {root}; "
                     f"run with --root {their_root}, or use another --state-dir for this root")
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same folder, by name or, through links and mounts, by identity."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False

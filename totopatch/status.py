@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Iterator, Mapping
 
 from . import manifest as mf
 from .fsio import sha256
-from .layout import Target, installed_toto, toto_version
+from .layout import TARGETS, Target, installed_toto
 from .outcome import Abort, Code, Item, Report, State
-from .patches import by_id
+from .patches import PATCHES, by_id
 from .reading import read, text
 from .spec import LegacyPatched, PatchRef, Refusal, Rewrite
 from .state import Context, load
 from .textio import SourceError, check_syntax
+from .undo import How, replaced, take_out_stack, verified_backup
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,11 @@ def effective_options(ref: PatchRef, entry: mf.Entry | None, given: Mapping[str,
 
 def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, options: Mapping[str, str],
              data: bytes | None, *, ignore_entry: bool = False) -> Finding:
-    """Decide the state; only a file that does not match its manifest entry loads the patch (and LibCST)."""
+    """Decide the state; only a file that does not match its manifest entry loads the patch (and LibCST).
+
+    A recorded file edited since apply is ``drifted`` exactly where revert merges the patch out keeping the
+    edits (``undo.take_out``), else ``conflict``: status and revert decide from the same merge.
+    """
     entry = None if ignore_entry else manifest.find(ref.id, target.base, target.rel)
     if data is None:
         if entry is not None:
@@ -54,40 +58,50 @@ def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target,
         return Finding(State.MISSING, "required target file is missing")
     current = sha256(data)
     if entry is not None and current == entry.after_sha256:
-        return Finding(State.APPLIED, options_text(entry.options), data, entry)
+        found = "recorded as found: revert leaves it as it is" if entry.before_sha256 == entry.after_sha256 else ""
+        return Finding(State.APPLIED, ", ".join(filter(None, (options_text(entry.options), found))), data, entry)
     if entry is not None and current == manifest.top_sha256(entry):  # with later patches stacked on it
         under = "under " + ", ".join(e.patch for e in manifest.above(entry))
         return Finding(State.APPLIED, ", ".join(filter(None, (options_text(entry.options), under))), data, entry)
     if entry is not None and (why := replaced(ctx, entry, current, manifest)):
         return Finding(State.REPLACED, why, data, entry)
+    if entry is not None:
+        return _edited(ctx, manifest, ref, target, entry, options, data)
     source, _ = text(target.path, data)
     try:
         rewritten = ref.load().rewrite(source, options)
     except LegacyPatched as exc:
         return Finding(State.LEGACY, f"patched by the legacy script ({exc.reason})", data, entry, refusal=exc)
     except Refusal as exc:
-        inside = "edited inside the patched region: " if entry else ""
-        return Finding(State.CONFLICT, inside + refusal_detail(exc, ctx.layout.display(target.path)), data, entry,
+        return Finding(State.CONFLICT, refusal_detail(exc, ctx.layout.display(target.path)), data, entry,
                        refusal=exc)
-    unchanged = rewritten.source == source
-    if entry is not None:
-        if unchanged:
-            return Finding(State.DRIFTED, "applied, with later edits outside the patched region", data, entry, rewritten)
-        return Finding(State.CONFLICT, "edited inside the patched region since apply", data, entry, rewritten)
-    if unchanged:
+    if rewritten.source == source:
         return Finding(State.APPLIED_UNRECORDED, "the patch is in the file but not in the manifest; "
-                       "`apply` records it if a backup is found", data, None, rewritten)
+                       "`apply` records it", data, None, rewritten)
     return Finding(State.NOT_APPLIED, "; ".join(rewritten.notes), data, None, rewritten)
 
 
-def replaced(ctx: Context, entry: mf.Entry, current: str, manifest: mf.Manifest | None = None) -> str:
-    """Why a recorded file is no longer the file that was patched, or '' where it still is."""
-    now = toto_version(ctx.layout.toto_parent) if entry.base == "toto" else None
-    if entry.base == "toto" and entry.toto_version and now and now != entry.toto_version:
-        return f"target replaced: patched toto-ts {entry.toto_version}, now {now}"
-    if current == (manifest.original_sha256(entry) if manifest is not None else entry.before_sha256):
-        return "target replaced: the file is the unpatched original again (reinstalled?)"
-    return ""
+def _edited(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, entry: mf.Entry,
+            options: Mapping[str, str], data: bytes) -> Finding:
+    """A recorded file edited since apply: ``drifted`` where revert keeps the edits, else ``conflict``."""
+    try:
+        undo = take_out_stack(ctx, manifest, entry, data)
+    except Abort as exc:
+        if exc.code != Code.STATE:
+            raise
+        return Finding(State.CONFLICT, f"edited since apply, and revert cannot take the patch out: {exc}",
+                       data, entry)
+    if undo.how in (How.MERGED, How.RESTORE):
+        return Finding(State.DRIFTED, "applied, with later edits that revert keeps", data, entry)
+    if undo.how in (How.ORIGINAL, How.FORGET):  # reached only through the patches stacked on it
+        return Finding(State.REPLACED, undo.detail, data, entry)
+    source, _ = text(target.path, data)
+    try:
+        ref.load().rewrite(source, options)
+    except Refusal as exc:
+        return Finding(State.CONFLICT, "edited inside the patched region: "
+                       + refusal_detail(exc, ctx.layout.display(target.path)), data, entry, refusal=exc)
+    return Finding(State.CONFLICT, "edited inside the patched region since apply", data, entry)
 
 
 def refusal_detail(exc: Refusal, display: str) -> str:
@@ -103,10 +117,20 @@ def options_text(options: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- status and verify
 
 
-def status(ctx: Context, refs: list[PatchRef], *, check: bool = False) -> Report:
+def selected(refs: list[PatchRef] | None, manifest: mf.Manifest) -> list[PatchRef]:
+    """``refs``; where none were named, the default patches and every patch the manifest records, in order."""
+    if refs is not None:
+        return refs
+    recorded = {e.patch for e in manifest.entries}
+    return [p for p in PATCHES if p.default or p.id in recorded]
+
+
+def status(ctx: Context, refs: list[PatchRef] | None = None, *, check: bool = False) -> Report:
+    """Each file's state for ``refs`` (None: the default patches and every recorded one); never writes."""
     report = Report("status", check=check)
     try:
         loaded = load(ctx)
+        refs = selected(refs, loaded.manifest)
         if loaded.journal:
             report.notes.append(f"an interrupted run left {ctx.layout.display(ctx.journal_path)}; "
                                 "the next apply or revert finishes it")
@@ -114,7 +138,7 @@ def status(ctx: Context, refs: list[PatchRef], *, check: bool = False) -> Report
             for target in targets(ctx, ref):
                 report.items.append(_status_item(ctx, loaded.manifest, ref, target))
         report.notes.extend(unknown_notes(ctx, loaded.manifest))
-        report.notes.extend(import_notes(ctx, loaded.manifest))
+        report.notes.extend(import_notes(ctx, loaded.manifest, report.items))
     except Abort as exc:
         return report.fail(exc.code, str(exc))
     refused = [i for i in report.items if i.state == State.REFUSED]
@@ -145,22 +169,39 @@ def unknown_notes(ctx: Context, manifest: mf.Manifest) -> list[str]:
             for e in manifest.entries if by_id(e.patch) is None]
 
 
-def import_notes(ctx: Context, manifest: mf.Manifest) -> list[str]:
+def import_notes(ctx: Context, manifest: mf.Manifest, items: list[Item]) -> list[str]:
+    """Where ``import toto`` leads, worded from the rows: a copy is called patched only while a patch is in it."""
     if not any(e.base == "toto" for e in manifest.entries):
         return []
     resolved = installed_toto()
-    patched = ctx.layout.toto_parent
+    tree = ctx.layout.toto_parent
+    if _holds_a_patch(ctx, manifest, items):
+        copy = f"the patched copy {tree / 'toto'}"
+    else:
+        copy = f"{tree / 'toto'}, where totopatch recorded patches that are no longer in the files (see the rows)"
     if resolved is None:
-        return [f"`import toto` does not resolve in this Python; the patched copy is {patched / 'toto'}"]
+        return [f"`import toto` does not resolve in this Python; totopatch's copy is {copy}"]
     if not (resolved / "toto" / "__init__.py").is_file():
         return [f"`import toto` finds only leftovers in {resolved / 'toto'} (no __init__.py): "
                 "toto-ts is not installed there"]
-    if resolved != patched.resolve():
-        return [f"warning: `import toto` resolves to {resolved / 'toto'}, not the patched copy {patched / 'toto'}"]
-    return [f"`import toto` resolves to the patched copy {patched / 'toto'}"]
+    if resolved != tree.resolve():
+        return [f"warning: `import toto` resolves to {resolved / 'toto'}, not {copy}"]
+    return [f"`import toto` resolves to {copy}"]
 
 
-def verify(ctx: Context, refs: list[PatchRef]) -> Report:
+def _holds_a_patch(ctx: Context, manifest: mf.Manifest, items: list[Item]) -> bool:
+    """Whether a recorded patch is in the Toto tree now: from the rows shown, else from the files' hashes."""
+    shown = [i for i in items if i.target in TARGETS and TARGETS[i.target].base == "toto"]
+    if shown:
+        return any(i.state in (State.APPLIED, State.DRIFTED) for i in shown)
+    for entry in manifest.entries:
+        data = read(ctx.layout.resolve(entry.base, entry.file)) if entry.base == "toto" else None
+        if data is not None and sha256(data) in (entry.after_sha256, manifest.top_sha256(entry)):
+            return True
+    return False
+
+
+def verify(ctx: Context, refs: list[PatchRef] | None = None) -> Report:
     """Status plus proof: every applied file parses, re-applying changes nothing, hashes and backups match."""
     report = status(ctx, refs, check=True)
     report.command = "verify"
@@ -189,18 +230,3 @@ def _prove(ctx: Context, manifest: mf.Manifest, item: Item) -> Item:
     except (Abort, SourceError, Refusal) as exc:
         return replace(item, state=State.UNPROVEN, detail=str(exc))
     return replace(item, detail="proven: parses, re-apply is a no-op, hashes and backup match")
-
-
-def verified_backup(ctx: Context, entry: mf.Entry) -> bytes:
-    path = ctx.layout.resolve(entry.backup_base, entry.backup)
-    data = read(path)
-    if data is None:
-        raise Abort(Code.STATE, f"{path}: backup is missing; cannot restore {entry.file}")
-    if sha256(data) != entry.backup_sha256 or entry.backup_sha256 != entry.before_sha256:
-        raise Abort(Code.STATE, f"{path}: backup does not match the manifest's sha256; "
-                    "refusing to restore from an unverified backup")
-    return data
-
-
-def backup_path(ctx: Context, entry: mf.Entry) -> Path:
-    return ctx.layout.resolve(entry.backup_base, entry.backup)

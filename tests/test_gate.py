@@ -1,0 +1,206 @@
+"""Every state that `apply` reports as done (exit 0) passes the gate: `status --check`, `verify` and the hook."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import Phase, given, settings, strategies as st
+
+from conftest import SAMPLE_BACKTEST, installed_toto_package
+from totopatch import engine
+from totopatch.patches import by_id
+from totopatch.state import open_context
+
+CM = "compile-mode"
+FIXTURES = Path(__file__).parent / "fixtures" / "backtest"
+ALREADY = ["one_line_already_reduce_overhead.py", "early_method.py", "early_module_level.py"]
+
+
+@pytest.mark.parametrize("name", ALREADY)
+def test_a_script_already_in_the_mode_is_recorded_as_found_and_passes_the_gate(project: Path, cli, name: str) -> None:
+    """The users' one-line chains that already end in "reduce-overhead": apply says done, so the gate passes."""
+    script = project / "backtest_test3_inline.py"
+    script.write_bytes((FIXTURES / name).read_bytes())
+    found = script.read_bytes()
+    assert json.loads(cli(project, "status", CM, "--json").stdout)["items"][0]["state"] == "applied-unrecorded"
+    ran = cli(project, "apply", CM)
+    assert ran.exit_code == 0 and "recorded as found" in ran.stdout, ran.stdout + ran.stderr
+    assert script.read_bytes() == found
+    assert cli(project, "status", CM, "--check").exit_code == 0
+    assert cli(project, "verify", CM).exit_code == 0
+    assert "recorded as found" in cli(project, "status", CM).stdout
+    assert cli(project, "apply").exit_code == 0
+    assert cli(project, "status", "--check").exit_code == 0  # the pre-commit hook's entry
+    reverted = cli(project, "revert", CM)
+    assert reverted.exit_code == 0 and "nothing to undo" in reverted.stdout, reverted.stdout
+    assert script.read_bytes() == found and not (project / "backtest_test3_inline.py.backup").exists()
+
+
+def test_a_patched_toto_file_with_no_record_and_no_backup_is_recorded_as_found(patched_toto: Path, cli) -> None:
+    ran = cli(patched_toto, "apply", "kv-cache")
+    assert ran.exit_code == 0 and "recorded as found" in ran.stdout
+    assert cli(patched_toto, "status", "kv-cache", "--check").exit_code == 0
+    assert cli(patched_toto, "verify", "kv-cache").exit_code == 0
+
+
+def test_a_drifted_file_is_re_recorded_by_apply_and_revert_still_keeps_the_edits(project: Path, cli) -> None:
+    """Edited after apply (outside, and a comment on a patched line): apply re-records it; revert's result is unchanged."""
+    assert cli(project, "apply").exit_code == 0
+    script = project / "backtest_test3_inline.py"
+    text = script.read_text()
+    edited = text.replace("'reduce-overhead'\n", "'reduce-overhead'  # tuned\n") + "\n\ndef added_later():\n    return 1\n"
+    script.write_text(edited)
+    status = cli(project, "status", "--check")
+    assert status.exit_code == 1 and "drifted" in status.stdout
+    preview = cli(project, "revert", CM, "--dry-run")
+    assert preview.exit_code == 0 and "merged" in preview.stdout
+    ran = cli(project, "apply")
+    assert ran.exit_code == 0 and "re-recorded" in ran.stdout, ran.stdout + ran.stderr
+    assert "the original before them is kept at" in ran.stdout
+    assert script.read_text() == edited
+    assert cli(project, "status", "--check").exit_code == 0
+    assert cli(project, "verify").exit_code == 0
+    backups = project / ".totopatch" / "backups"
+    assert SAMPLE_BACKTEST in [p.read_bytes() for p in backups.iterdir()]  # the earlier original is kept
+    assert cli(project, "revert", CM).exit_code == 0
+    expected = SAMPLE_BACKTEST.decode().replace("'max-autotune'\n", "'max-autotune'  # tuned\n")
+    assert script.read_text() == expected + "\n\ndef added_later():\n    return 1\n"
+
+
+def test_a_drifted_stack_is_re_recorded_together(tmp_path: Path, cli) -> None:
+    """spacewise-mask with layer-region on it, the file edited: both records move together, the gate passes."""
+    root = tmp_path / "checkout"
+    shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    original = (root / "toto" / "model" / "transformer.py").read_bytes()
+    assert cli(root, "apply").exit_code == 0 and cli(root, "apply", "layer-region").exit_code == 0
+    transformer = root / "toto" / "model" / "transformer.py"
+    transformer.write_bytes(b"# edited by the user\n" + transformer.read_bytes())
+    assert cli(root, "status", "--check").exit_code == 1
+    ran = cli(root, "apply", "spacewise-mask")
+    assert ran.exit_code == 0 and "layer-region" in ran.stdout, ran.stdout + ran.stderr
+    assert cli(root, "status", "--check").exit_code == 0 and cli(root, "verify").exit_code == 0
+    assert cli(root, "revert").exit_code == 0
+    assert transformer.read_bytes() == b"# edited by the user\n" + original
+
+
+# ---------------------------------------------------------------- the kind, as a property
+
+PATCHES = (CM, "sdpa-causal")
+FILES = {CM: "backtest_test3_inline.py", "sdpa-causal": "toto/toto/model/attention.py"}
+
+
+def _perturb(root: Path, step: str, patch: str) -> None:
+    """One thing a user, a crash or an install does to a project."""
+    path = root / FILES[patch]
+    ref = by_id(patch)
+    original = SAMPLE_BACKTEST if patch == CM else (installed_toto_package() / "model" / "attention.py").read_bytes()
+    ctx = open_context(root)
+    if step == "apply":
+        engine.apply(ctx, [ref])
+    elif step == "revert":
+        engine.revert(ctx, [ref])
+    elif step == "edit-outside":
+        path.write_bytes(path.read_bytes() + b"\n\ndef added_later():\n    return 1\n")
+    elif step == "edit-beside":
+        data = path.read_bytes()
+        marker = b"'reduce-overhead'\n" if patch == CM else b"else False),\n"
+        path.write_bytes(data.replace(marker, marker[:-1] + b"  # mine\n", 1))
+    elif step == "edit-inside":
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b"'reduce-overhead'", b"'default'", 1) if patch == CM
+                         else data.replace(b"True if (", b"True if  (", 1))
+    elif step == "lose-manifest":
+        (root / ".totopatch" / "manifest.json").unlink(missing_ok=True)
+    elif step == "lose-backups":
+        for backup in [*root.rglob("*.backup"), *(root / ".totopatch" / "backups").glob("*")]:
+            backup.unlink()
+    elif step == "change-backups":
+        for backup in [*root.rglob("*.backup"), *(root / ".totopatch" / "backups").glob("*")]:
+            backup.write_bytes(b"print('not the original')\n")
+    elif step == "original-back":
+        path.write_bytes(original)
+    elif step == "pre-patched":  # patched by hand or by another tool, nothing recorded
+        path.write_bytes(ref.load().rewrite(original.decode(), ref.options).source.encode())
+
+
+STEPS = ("apply", "revert", "edit-outside", "edit-beside", "edit-inside", "lose-manifest", "lose-backups",
+         "change-backups", "original-back", "pre-patched")
+
+
+@settings(max_examples=30, deadline=None, print_blob=True, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(steps=st.lists(st.tuples(st.sampled_from(STEPS), st.sampled_from(PATCHES)), min_size=1, max_size=4))
+def test_whatever_apply_reports_as_done_passes_the_gate(steps: list[tuple[str, str]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "project"
+        shutil.copytree(installed_toto_package(), root / "toto" / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+        (root / "backtest_test3_inline.py").write_bytes(SAMPLE_BACKTEST)
+        for step, patch in steps:
+            _perturb(root, step, patch)
+        refs = [by_id(p) for p in PATCHES]
+        applied = engine.apply(open_context(root), refs)
+        done = [(i.patch, i.state, i.detail) for i in applied.items]
+        if applied.code == 0:
+            status = engine.status(open_context(root), refs, check=True)
+            assert status.code == 0, (done, [(i.patch, i.state, i.detail) for i in status.items])
+            verify = engine.verify(open_context(root), refs)
+            assert verify.code == 0, (done, [(i.patch, i.state, i.detail) for i in verify.items])
+        else:
+            assert applied.code == 3 and any(i.state == "conflict" for i in applied.items), (done, applied.error)
+
+
+
+def test_a_drifted_file_keeps_its_options_unless_reverted(project: Path, cli) -> None:
+    assert cli(project, "apply", CM).exit_code == 0
+    script = project / "backtest_test3_inline.py"
+    script.write_bytes(script.read_bytes() + b"\n# edited\n")
+    ran = cli(project, "apply", CM, "--compile-mode", "default")
+    assert ran.exit_code == 3 and "revert it first" in ran.stdout
+    assert cli(project, "status", CM, "--check").exit_code == 1  # still drifted: nothing was recorded
+
+
+@pytest.mark.parametrize("damage", ["deleted", "changed"])
+def test_an_applied_file_whose_backup_is_gone_is_recorded_again_so_verify_passes(project: Path, cli,
+                                                                                 damage: str) -> None:
+    """apply said `already-applied` while verify failed on the backup: the gate could never pass."""
+    assert cli(project, "apply", CM).exit_code == 0
+    backup = project / "backtest_test3_inline.py.backup"
+    backup.unlink() if damage == "deleted" else backup.write_bytes(b"print('not the original')\n")
+    assert cli(project, "verify", CM).exit_code == 1
+    ran = cli(project, "apply", CM)
+    assert ran.exit_code == 0 and "recorded as found" in ran.stdout and "is left" in ran.stdout, ran.stdout
+    assert cli(project, "verify", CM).exit_code == 0
+    patched = (project / "backtest_test3_inline.py").read_bytes()
+    ran = cli(project, "revert", CM)
+    assert ran.exit_code == 0 and "nothing to undo" in ran.stdout
+    assert (project / "backtest_test3_inline.py").read_bytes() == patched
+
+
+def test_an_applied_file_whose_backup_is_gone_gets_it_back_from_a_kept_copy(project: Path, cli) -> None:
+    assert cli(project, "apply", CM).exit_code == 0
+    backup = project / "backtest_test3_inline.py.backup"
+    (project / ".totopatch" / "backups").mkdir()
+    backup.rename(project / ".totopatch" / "backups" / "a-copy")
+    ran = cli(project, "apply", CM)
+    assert ran.exit_code == 0 and "made again" in ran.stdout, ran.stdout
+    assert backup.read_bytes() == SAMPLE_BACKTEST and cli(project, "verify", CM).exit_code == 0
+    assert cli(project, "revert", CM).exit_code == 0
+    assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST
+
+
+def test_a_stacked_patch_whose_backup_is_gone_is_recorded_as_found_under_the_other(tmp_path: Path, cli) -> None:
+    root = tmp_path / "checkout"
+    shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    assert cli(root, "apply").exit_code == 0 and cli(root, "apply", "layer-region").exit_code == 0
+    (root / "toto" / "model" / "transformer.py.backup").unlink()  # spacewise-mask's, the lower one
+    assert cli(root, "verify").exit_code == 1
+    ran = cli(root, "apply")
+    assert ran.exit_code == 0 and "recorded as found" in ran.stdout, ran.stdout + ran.stderr
+    assert cli(root, "verify").exit_code == 0
+    ran = cli(root, "revert")
+    assert ran.exit_code == 0 and "nothing to undo" in ran.stdout, ran.stdout + ran.stderr
+    spacewise = by_id("spacewise-mask").load()
+    original = (installed_toto_package() / "model" / "transformer.py").read_text()
+    assert (root / "toto" / "model" / "transformer.py").read_text() == spacewise.rewrite(original, {}).source
