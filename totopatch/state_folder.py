@@ -21,6 +21,7 @@ run says where.  ``<state>/backups/`` and ``<state>/saved/`` keep whatever no en
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -73,10 +74,10 @@ class StateFolder:
         """Record what an interrupted run did, decided from the files as they are now.
 
         Per file, in the order the run wrote it: the file holding what the k-th change left means the first
-        k happened; holding what it held before the run, none.  A file edited since is asked whether each
-        patch is in it: an ``add`` happened unless its patch is provably absent, a ``remove`` only if it is.
-        So a change written and then edited stays recorded (status shows it, revert can act on it), and a
-        record is dropped only on proof.
+        k happened; holding what it held before the run, none.  A file edited since: an ``add`` happened
+        unless the backup it writes first is missing or the patch's change is provably not in the file
+        (``_unpatched``); a ``remove`` only on that proof.  So a change written and then edited stays
+        recorded (status shows it, revert can act on it), and a record is dropped only on proof.
         """
         items = list(items)
         by_file: dict[Path, list[int]] = {}
@@ -107,25 +108,47 @@ class StateFolder:
                 return [False] * len(group)
         flags, below = [], True
         for item in group:
-            present = self._patch_in(item.entry, path, data) if data is not None else None
-            flags.append(below and (present is not False if item.op == "add" else present is False))
+            if item.op == "add" and item.entry.backup_created and not self._backed_up(item.entry):
+                below = False  # its backup is written before the file: without it, the file was not written
+            unpatched = data is not None and self._unpatched(item.entry, path, data)
+            flags.append(below and (not unpatched if item.op == "add" else unpatched))
             below = flags[-1]
         return flags
 
-    @staticmethod
-    def _patch_in(entry: mf.Entry, path: Path, data: bytes) -> bool | None:
-        """Whether ``entry``'s patch is in ``data``; None where that cannot be told."""
+    def _backed_up(self, entry: mf.Entry) -> bool:
+        data = _read_quietly(self.layout.resolve(entry.backup_base, entry.backup))
+        return data is not None and sha256(data) == entry.backup_sha256
+
+    def _unpatched(self, entry: mf.Entry, path: Path, data: bytes) -> bool:
+        """Whether ``data`` provably lacks ``entry``'s change: every hunk the patch made is in its old form.
+
+        The patch's change is recomputed from the verified backup and checked against the recorded hash;
+        then each hunk's old lines must be in the file and none of its new lines, and the patch must still
+        change the file.  Anything less (a partial edit, a missing backup, an unknown patch) is no proof.
+        """
         from .patches import by_id
 
         ref = by_id(entry.patch)
-        if ref is None:
-            return None
+        backup = _read_quietly(self.layout.resolve(entry.backup_base, entry.backup))
+        if ref is None or backup is None or sha256(backup) != entry.before_sha256:
+            return False
         options = {**ref.options, **{k: v for k, v in entry.options.items() if k in ref.options}}
         try:
-            source, _ = text(path, data)
-            return ref.load().rewrite(source, options).source == source
-        except Exception:  # a refusal, an undecodable file, anything the patch cannot read: cannot tell
-            return None
+            patch = ref.load()
+            before, encode = text(path, backup)
+            after = patch.rewrite(before, options).source
+            current, _ = text(path, data)
+            if sha256(encode(after)) != entry.after_sha256 or patch.rewrite(current, options).source == current:
+                return False
+        except Exception:  # a refusal, an undecodable file, anything the patch cannot read: no proof
+            return False
+        old, new, now = before.splitlines(True), after.splitlines(True), current.splitlines(True)
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+            if tag == "equal":
+                continue
+            if (i1 < i2 and not _holds(now, old[i1:i2])) or (j1 < j2 and _holds(now, new[j1:j2])):
+                return False
+        return True
 
     # ------------------------------------------------------------ the lock
 
@@ -282,6 +305,12 @@ def _is_backup_name(base: str, rel: str) -> bool:
     if base == "state":
         return len(parts) == 2 and parts[0] == "backups"
     return rel.endswith(".backup")
+
+
+def _holds(lines: list[str], block: list[str]) -> bool:
+    """Whether ``block`` occurs in ``lines`` as consecutive lines."""
+    n = len(block)
+    return any(lines[i:i + n] == block for i in range(len(lines) - n + 1))
 
 
 def _read_quietly(path: Path) -> bytes | None:
