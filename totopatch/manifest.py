@@ -183,7 +183,8 @@ def check_consistent(entries: tuple[Entry, ...], where: str) -> None:
 
     One entry: its backup is its original (``backup_sha256 == before_sha256``) and its patch changed the
     file (``after != before``).  One file: each patch is recorded once, and the entries stack in chains
-    (no two patches on one original, none two on top of one, no loop).
+    that neither fork (two patches on top of one, or one on top of two) nor loop.  Two chains may share an
+    original: a record left by a file since reinstalled, and the patch applied to it again.
     """
     seen: set[tuple[str, str, str]] = set()
     for e in entries:
@@ -203,21 +204,31 @@ def check_consistent(entries: tuple[Entry, ...], where: str) -> None:
     for e in entries:
         by_file.setdefault((e.base, e.file), []).append(e)
     for (_, file), group in by_file.items():
-        for field_name, what in (("before_sha256", "applied on one original"),
-                                 ("after_sha256", "leave the same result")):
-            values = [getattr(e, field_name) for e in group]
-            if len(set(values)) != len(values):
-                dup = [e.patch for e in group if values.count(getattr(e, field_name)) > 1]
-                raise StateError(f"{where}: {file}: patches {', '.join(dup)} {what}; a file's patches stack "
-                                 "one on another; refusing to trust this manifest")
-        after_to_entry = {e.before_sha256: e for e in group}
+        on: dict[str, list[Entry]] = {}  # before_sha256 -> the entries applied to a file with that hash
+        under: dict[str, list[Entry]] = {}  # after_sha256 -> the entries that left it
+        for e in group:
+            on.setdefault(e.before_sha256, []).append(e)
+            under.setdefault(e.after_sha256, []).append(e)
+        for e in group:
+            for found, where_ in ((on.get(e.after_sha256, []), f"on top of {e.patch}"),
+                                  (under.get(e.before_sha256, []), f"under {e.patch}")):
+                if len(found) > 1:
+                    raise StateError(f"{where}: {file}: patches {', '.join(o.patch for o in found)} are each "
+                                     f"recorded {where_}; a stack of patches cannot fork; "
+                                     "refusing to trust this manifest")
+        done: set[int] = set()
         for start in group:
-            at, steps = start, 0
-            while (nxt := after_to_entry.get(at.after_sha256)) is not None:
-                at, steps = nxt, steps + 1
-                if at is start or steps > len(group):
-                    raise StateError(f"{where}: {file}: the stack of patches {', '.join(e.patch for e in group)} "
-                                     "loops back on itself; refusing to trust this manifest")
+            seen: set[int] = set()
+            at: Entry | None = start
+            while at is not None and id(at) not in done:
+                if id(at) in seen:
+                    names = [e.patch for e in group if id(e) in seen]
+                    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                    raise StateError(f"{where}: {file}: the stack of patches {shown} loops back on itself "
+                                     f"(each recorded on top of the next); refusing to trust this manifest")
+                seen.add(id(at))
+                at = next(iter(on.get(at.after_sha256, [])), None)
+            done |= seen
 
 
 def dump(manifest: Manifest) -> bytes:

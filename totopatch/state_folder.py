@@ -25,10 +25,11 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Callable, Iterable
 
 from . import manifest as mf
-from .fsio import Lock, atomic_write, crash_point, remove_stale_temps, sha256
+from .fsio import TMP_PREFIX, Lock, atomic_write, crash_point, remove_stale_temps, sha256
+from .layout import TARGETS
 from .outcome import Abort, Code, Report
 from .reading import read, text
 from .state import Context, bind, check_owner
@@ -267,6 +268,14 @@ class StateFolder:
         of = f"the original of {whose}" if whose else f"{self.layout.display(path)}"
         report.notes.append(f"kept {of} as {self.layout.display(kept)}: no other file holds those bytes")
 
+    def kept(self, manifest: mf.Manifest) -> list[Path]:
+        """Files of ``<state>/backups/`` that no entry records: originals kept aside, for the user to take."""
+        if not self.backups.is_dir():
+            return []
+        recorded = self._recorded_backups(manifest)
+        return sorted(p for p in self.backups.iterdir() if p.is_file() and p not in recorded
+                      and not p.name.startswith(TMP_PREFIX))
+
     def _recorded_backups(self, manifest: mf.Manifest) -> set[Path]:
         paths = {self.layout.resolve(e.backup_base, e.backup) for e in manifest.entries}
         return paths | {self.path / e.legacy_backup for e in manifest.entries if e.legacy_backup}
@@ -275,6 +284,7 @@ class StateFolder:
         """A file other than ``not_at`` that holds bytes hashing to ``digest``: kept, recorded, or a target."""
         candidates = [self.backups / digest, *sorted(self._recorded_backups(manifest))]
         candidates += [self.layout.resolve(e.base, e.file) for e in entries]
+        candidates += [self.layout.target(key).path for key in TARGETS]
         for path in dict.fromkeys(candidates):
             if path != not_at and (data := _read_quietly(path)) is not None and sha256(data) == digest:
                 return path
@@ -290,9 +300,9 @@ class StateFolder:
             raise ValueError(f"{path} lies outside the state folder and the trees")
         return min(names, key=lambda n: len(PurePosixPath(n[1]).parts))
 
-    def _io(self, action: object) -> None:
+    def _io(self, action: Callable[[], object]) -> None:
         try:
-            action()  # type: ignore[operator]
+            action()
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise Abort(Code.IO, f"{where}could not finish an interrupted run ({exc.strerror or exc}); "

@@ -48,7 +48,9 @@ def run(ctx: Context, report: Report, plan: Plan, *, dry_run: bool = False) -> R
         if not dry_run:
             folder.probe()
         loaded = folder.load()
+        start = len(report.notes)
         changes = plan(loaded.manifest)
+        planned = report.notes[start:]
         if _refused(report):
             return report
         if dry_run:
@@ -64,6 +66,7 @@ def run(ctx: Context, report: Report, plan: Plan, *, dry_run: bool = False) -> R
             manifest = folder.recover(report)
             if loaded.interrupted or manifest != loaded.manifest or _changed_since_plan(changes):
                 report.items.clear()  # recovery or another run changed things: plan again, under the lock
+                del report.notes[start:start + len(planned)]
                 changes = plan(manifest)
                 if _refused(report):
                     return report
