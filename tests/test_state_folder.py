@@ -148,6 +148,19 @@ def test_revert_with_nothing_recorded_names_the_kept_originals(project: Path, cl
     assert target.read_bytes() == b"# my edit\n" + SAMPLE_BACKTEST
 
 
+def test_a_journal_in_the_earlier_format_is_still_finished(project: Path, cli) -> None:
+    """Journals written before ``from_sha256`` and ``discard`` existed are replayed the same way."""
+    totopatch(project, "apply", CM, TOTOPATCH_TEST_CRASH_AT="before-manifest")
+    journal = project / ".totopatch" / "journal.json"
+    data = json.loads(journal.read_text())
+    journal.write_text(json.dumps({"schema": 1, "items": [{k: v for k, v in i.items() if k != "from_sha256"}
+                                                          for i in data["items"]]}))
+    ran = cli(project, "apply", CM)
+    assert ran.exit_code == 0 and "finished recording" in ran.stdout, ran.stderr
+    assert cli(project, "revert", CM).exit_code == 0
+    assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST
+
+
 def test_a_backup_is_deleted_only_when_the_file_holds_its_bytes(project: Path, cli) -> None:
     """An apply killed before writing left a backup equal to the file: that one may go, and the run says so."""
     totopatch(project, "apply", CM, TOTOPATCH_TEST_CRASH_AT="after-backup")

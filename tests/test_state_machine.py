@@ -12,10 +12,12 @@ After every step four invariants are checked, each in its own method so a failur
     toto-ts version; ``verify`` then passes too.
 (d) ``no_traceback_and_documented_codes``: no step or check raised, every exit code is a documented one.
 
-The library runs in-process; only the kills run the CLI in a subprocess (``TOTOPATCH_TEST_CRASH_AT``).
-Budget: ``TOTOPATCH_STATEFUL_EXAMPLES`` (default 4) examples of ``TOTOPATCH_STATEFUL_STEPS`` (default 7)
-steps, about a minute on one core.  A failure prints the steps and a ``@reproduce_failure`` blob; the seed
-is printed by ``--hypothesis-seed``/``--hypothesis-show-statistics`` or fixed with ``TOTOPATCH_STATEFUL_SEED``.
+The library runs in-process, each patch's pure rewrite remembered; only the kills run the CLI in a
+subprocess (``TOTOPATCH_TEST_CRASH_AT``).  Budget: ``TOTOPATCH_STATEFUL_EXAMPLES`` (default 16) sequences of
+up to ``TOTOPATCH_STATEFUL_STEPS`` (default 12) steps, under a minute of one core.  A failure names its
+invariant and prints every step taken and a ``@reproduce_failure`` blob; replay a run with
+``TOTOPATCH_STATEFUL_SEED=<n>`` (or pytest's ``--hypothesis-seed``), and set ``TOTOPATCH_STATEFUL_SHRINK=1``
+to shrink the sequence (minutes).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import pytest
-from hypothesis import HealthCheck, seed, settings, strategies as st
+from hypothesis import HealthCheck, Phase, seed, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package
@@ -454,11 +456,13 @@ def _fmt(states: dict) -> str:
 
 
 TotopatchMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("TOTOPATCH_STATEFUL_EXAMPLES", "4")),
-    stateful_step_count=int(os.environ.get("TOTOPATCH_STATEFUL_STEPS", "7")),
+    max_examples=int(os.environ.get("TOTOPATCH_STATEFUL_EXAMPLES", "16")),
+    stateful_step_count=int(os.environ.get("TOTOPATCH_STATEFUL_STEPS", "12")),
     deadline=None,
     print_blob=True,
     database=None,
+    # Shrinking a sequence of kills takes minutes; a failure already prints every step it took.
+    phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("TOTOPATCH_STATEFUL_SHRINK") else []),
     suppress_health_check=list(HealthCheck),
 )
 if os.environ.get("TOTOPATCH_STATEFUL_SEED"):
