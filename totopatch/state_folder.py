@@ -265,8 +265,12 @@ class StateFolder:
         if kept != path:
             self.keep(kept, data)
             path.unlink()
-        of = f"the original of {whose}" if whose else f"{self.layout.display(path)}"
-        report.notes.append(f"kept {of} as {self.layout.display(kept)}: no other file holds those bytes")
+        if whose:
+            report.notes.append(f"kept the unpatched original of {whose} as {self.layout.display(kept)}: "
+                                "the file has changed since, and no other file holds those bytes")
+        else:
+            report.notes.append(f"kept {self.layout.display(path)} as {self.layout.display(kept)}: "
+                                "no other file holds those bytes")
 
     def kept(self, manifest: mf.Manifest) -> list[Path]:
         """Files of ``<state>/backups/`` that no entry records: originals kept aside, for the user to take."""
