@@ -259,7 +259,7 @@ def doctor(where: Where, as_json_output: bool) -> Output:
     if not root.is_dir():
         raise engine.Abort(Code.USAGE, f"{root}: --root is not a directory")
     found = dr.examine(where.root, where.installed, where.backtest, where.state_dir, os.environ)
-    return Output(found.code, dr.as_text(found), dr.as_json(found))
+    return Output(found.code, dr.as_text(found), dr.as_json(found), found.error)
 
 
 @main.command()

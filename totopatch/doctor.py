@@ -85,6 +85,11 @@ class Doctor:
     problems: list[str] = field(default_factory=list)
     code: int = OK
 
+    @property
+    def error(self) -> str | None:
+        """The one-line error of an exit that is not a finding (7: the state cannot be trusted), else None."""
+        return self.problems[0] if self.code == STATE and self.problems else None
+
 
 def examine(root: Path | None, installed: bool, backtest: Path | None, state_dir: Path | None,
             env: Mapping[str, str]) -> Doctor:
@@ -235,7 +240,7 @@ STATE_WORDS = {
 
 
 def as_json(doctor: Doctor) -> str:
-    return json.dumps({**envelope("doctor", doctor.code, None),
+    return json.dumps({**envelope("doctor", doctor.code, doctor.error),
                        **{k: v for k, v in asdict(doctor).items() if k != "code"}}, indent=2)
 
 

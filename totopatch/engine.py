@@ -13,6 +13,7 @@ from .plan_apply import plan as plan_apply
 from .plan_revert import plan as plan_revert, plan_forget, select as select_entries
 from .spec import PatchRef
 from .state import Context
+from .state_folder import StateFolder
 from .status import selected, status, verify
 from .transaction import run
 
@@ -50,6 +51,9 @@ def revert(ctx: Context, refs: list[PatchRef], *, dry_run: bool = False, force: 
         entries = select_entries(manifest, ids, include_unknown)
         if not entries:
             report.notes.append("nothing to revert: no recorded change for " + ", ".join(sorted(ids)))
+            if kept := StateFolder(ctx).kept(manifest):
+                report.notes.append("originals kept aside (each named by its sha256): "
+                                    + ", ".join(ctx.layout.display(p) for p in kept))
         return plan_revert(ctx, report, manifest, entries, force)
 
     return run(ctx, report, plan, dry_run=dry_run)

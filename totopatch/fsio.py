@@ -24,8 +24,24 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+CRASH_POINTS = (
+    "after-lock",  # the lock is taken, nothing else done
+    "mid-journal",  # half-way through the temp file of the journal
+    "mid-backup",  # half-way through the temp file of a backup (or a copy kept aside, or the user's saved version)
+    "after-backup",  # a file's backups are written, the file is not
+    "mid-write",  # half-way through the temp file of a target
+    "after-write",  # a target is written, its manifest entry is not
+    "before-manifest",  # every target is written, the manifest is not
+    "mid-manifest",  # half-way through the temp file of the manifest
+    "after-manifest",  # the manifest is saved; backups no longer needed are not yet cleared, the journal remains
+    "mid-cleanup",  # one backup no longer needed is cleared (deleted, or kept aside), the others not
+    "recover-after-manifest",  # recovery saved the replayed manifest; the journal is still the interrupted run's
+    "recover-mid-cleanup",  # recovery cleared one backup the interrupted run no longer needs, the others not
+)
+
+
 def crash_point(name: str) -> None:
-    """Test hook at a named step: TOTOPATCH_TEST_CRASH_AT=name dies with SIGKILL there,
+    """Test hook at a named step (``CRASH_POINTS``): TOTOPATCH_TEST_CRASH_AT=name dies with SIGKILL there,
     TOTOPATCH_TEST_PAUSE_AT=name:seconds sleeps there (to make two runs overlap)."""
     if os.environ.get("TOTOPATCH_TEST_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -34,10 +50,11 @@ def crash_point(name: str) -> None:
         time.sleep(float(seconds or 1))
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None, *, crash: str = "mid-write") -> None:
     """Write via a temp file in the same folder, fsync, then os.replace; keep the file mode.
 
     A symlink is written through: the file it points to changes and the link stays a link.
+    ``crash`` names the test crash point half-way through the temp file (see ``crash_point``).
     """
     real = Path(os.path.realpath(path))
     if mode is None:
@@ -48,10 +65,10 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=real.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            if os.environ.get("TOTOPATCH_TEST_CRASH_AT") == "mid-write":
+            if os.environ.get("TOTOPATCH_TEST_CRASH_AT") == crash:
                 fh.write(data[: len(data) // 2])
                 fh.flush()
-                crash_point("mid-write")
+                crash_point(crash)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -62,6 +79,17 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(real.parent)
+
+
+def file_on_path(path: Path) -> Path | None:
+    """The first existing non-folder on ``path`` or above it (so ``path`` cannot be a folder), if any."""
+    for at in reversed((path, *path.parents)):
+        try:
+            if not at.is_dir() and at.exists():
+                return at
+        except OSError:
+            return None
+    return None
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
@@ -119,7 +147,7 @@ class Lock:
     def probe(path: Path) -> None:
         """Fail fast, without creating the lock file, if another run holds it now."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return
         try:

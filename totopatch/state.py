@@ -1,15 +1,18 @@
-"""The state folder: the manifest and the journal of an interrupted run, always read together."""
+"""Which tree and which state folder a command works on; the folder's life itself is ``state_folder``'s."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import manifest as mf
-from .fsio import sha256
+from .fsio import file_on_path
 from .layout import Layout, LayoutError, locate, state_dir_for, user_state_dir
 from .outcome import Abort, Code
-from .reading import read
+
+if TYPE_CHECKING:
+    from .state_folder import Loaded
 
 
 @dataclass(frozen=True)
@@ -30,15 +33,6 @@ class Context:
         return self.layout.state_dir / "lock"
 
 
-@dataclass(frozen=True)
-class Loaded:
-    """The manifest with the journal of an interrupted run replayed against the files' actual hashes."""
-
-    manifest: mf.Manifest
-    journal: list[mf.JournalItem]
-    recorded: mf.Manifest  # the manifest as it is on disk
-
-
 def open_context(root: Path | None, installed: bool = False, backtest: Path | None = None,
                  state_dir: Path | None = None) -> Context:
     """Find the tree and its state folder; raise Abort(USAGE) naming what was expected.
@@ -47,14 +41,15 @@ def open_context(root: Path | None, installed: bool = False, backtest: Path | No
     the package, so a root not named is the one the state records, whatever the working directory.  A
     backtest script not named is the one the state records.
     """
-    if state_dir is not None and state_dir.exists() and not state_dir.is_dir():
-        raise Abort(Code.USAGE, f"{state_dir}: --state-dir must be a folder, found a file")
+    if state_dir is not None:
+        _usable_state_dir(state_dir, "--state-dir")
     named = root is not None
     root = Path(".") if root is None else root
     try:
         if installed:
             layout = locate(root, True, backtest)
             state = (state_dir or user_state_dir(layout.toto_parent)).absolute()
+            _usable_state_dir(state, "the per-user state folder")
             recorded = _recorded(state)
             if not named and backtest is None and (theirs := recorded_root(recorded)) is not None:
                 layout = locate(theirs, True, None)
@@ -89,6 +84,16 @@ def with_recorded_backtest(layout: Layout, recorded: mf.Manifest | None, backtes
     return replace(layout, backtest_rel=rel) if rel is not None else layout
 
 
+def _usable_state_dir(state: Path, what: str) -> None:
+    """Refuse, as a usage error, a state folder that is a file or lies under one."""
+    blocker = file_on_path(state)
+    if blocker is None:
+        return
+    if blocker == state:
+        raise Abort(Code.USAGE, f"{state}: {what} must be a folder, found a file")
+    raise Abort(Code.USAGE, f"{state}: {what} runs through {blocker}, which is a file; expected a folder path")
+
+
 def _recorded(state: Path) -> mf.Manifest | None:
     """The manifest in ``state`` if it records anything."""
     if not (state / "manifest.json").is_file():
@@ -112,22 +117,11 @@ def _ancestor_owning(layout: Layout) -> Path | None:
     return None
 
 
-def load(ctx: Context) -> Loaded:
-    try:
-        recorded, journal = mf.load(ctx.manifest_path), mf.load_journal(ctx.journal_path)
-    except mf.StateError as exc:
-        raise Abort(Code.STATE, str(exc)) from None
-    check_owner(ctx, recorded)
-    manifest = mf.replay(recorded, journal, current_hashes(ctx, journal)) if journal else recorded
-    return Loaded(manifest, journal, recorded)
+def load(ctx: Context) -> "Loaded":
+    """The manifest with any interrupted run's journal replayed (``state_folder.StateFolder.load``)."""
+    from .state_folder import StateFolder
 
-
-def current_hashes(ctx: Context, items: list[mf.JournalItem]) -> dict[tuple[str, str], str | None]:
-    hashes: dict[tuple[str, str], str | None] = {}
-    for item in items:
-        data = read(ctx.layout.resolve(item.entry.base, item.entry.file))
-        hashes[(item.entry.base, item.entry.file)] = None if data is None else sha256(data)
-    return hashes
+    return StateFolder(ctx).load()
 
 
 def bind(ctx: Context, manifest: mf.Manifest) -> mf.Manifest:

@@ -2,7 +2,8 @@
 
 Nothing is locked or written for a run that is refused; a run that writes takes ``<state>/lock``,
 finishes whatever an interrupted run left, re-plans if another run changed anything meanwhile,
-and then writes everything or nothing.
+and then writes everything or nothing.  The state folder's side (journal, backups, manifest, recovery)
+is ``state_folder.StateFolder``'s; this module writes the targets and rolls them back.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import manifest as mf
-from .fsio import Lock, LockedError, atomic_write, clear_bytecode, crash_point, is_hardlinked, remove_stale_temps, sha256
+from .fsio import LockedError, atomic_write, clear_bytecode, crash_point, is_hardlinked, sha256
 from .outcome import DRY_STATES, REFUSING_STATES, WRITING_STATES, Abort, Code, Report, State
 from .reading import read
-from .state import Context, bind, load
+from .state import Context
+from .state_folder import StateFolder
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Change:
     new: bytes | None  # None or equal to old: the file is not written
     journal: mf.JournalItem | None = None
     first: tuple[tuple[Path, bytes], ...] = ()  # written before the file: backups, the user's version
-    remove_after: tuple[Path, ...] = ()  # deleted once the file is written: backups nothing needs
+    remove_after: tuple[Path, ...] = ()  # backups nothing needs once recorded: cleared if held elsewhere, else kept
 
     @property
     def writes(self) -> bool:
@@ -41,32 +43,36 @@ Plan = Callable[[mf.Manifest], list[Change]]  # appends its items to the report
 
 def run(ctx: Context, report: Report, plan: Plan, *, dry_run: bool = False) -> Report:
     """Plan without the lock; refuse, show (dry run) or, under the lock, commit."""
+    folder = StateFolder(ctx)
     try:
         if not dry_run:
-            Lock.probe(ctx.lock_path)
-        loaded = load(ctx)
+            folder.probe()
+        loaded = folder.load()
+        start = len(report.notes)
         changes = plan(loaded.manifest)
+        planned = report.notes[start:]
         if _refused(report):
             return report
         if dry_run:
             report.items = [replace(i, state=DRY_STATES.get(i.state, i.state)) for i in report.items]
             return report
-        if not changes and not loaded.journal:
+        if not changes and not loaded.interrupted:
             return report
         preflight(ctx, changes)
-        with Lock(ctx.lock_path) as lock:
+        with folder.lock() as lock:
             crash_point("after-lock")
             if lock.stale_pid is not None:
                 report.notes.append(f"recovered a stale lock left by pid {lock.stale_pid}")
-            manifest = _recover(ctx, report)
-            if loaded.journal or manifest != loaded.manifest or _changed_since_plan(changes):
+            manifest = folder.recover(report)
+            if loaded.interrupted or manifest != loaded.manifest or _changed_since_plan(changes):
                 report.items.clear()  # recovery or another run changed things: plan again, under the lock
+                del report.notes[start:start + len(planned)]
                 changes = plan(manifest)
                 if _refused(report):
                     return report
                 preflight(ctx, changes)
             if changes:
-                _commit(ctx, report, changes, manifest)
+                _commit(folder, report, changes, manifest)
     except LockedError as exc:
         _skip(report, Code.LOCKED, str(exc))
     except Abort as exc:
@@ -124,64 +130,31 @@ def can_write(path: Path) -> bool:
     return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(path, os.W_OK)
 
 
-# ---------------------------------------------------------------- recovery
-
-
-def _recover(ctx: Context, report: Report) -> mf.Manifest:
-    """Finish recording what an interrupted run wrote, and clear what it left."""
-    loaded = load(ctx)
-    for folder in {ctx.layout.resolve(i.entry.base, i.entry.file).parent for i in loaded.journal}:
-        for temp in remove_stale_temps(folder):
-            report.notes.append(f"removed {ctx.layout.display(temp)} left by an interrupted write")
-    if not loaded.journal:
-        return loaded.manifest
-    for path in _orphan_backups(ctx, loaded.manifest, loaded.journal):
-        _io(lambda: path.unlink(missing_ok=True))
-        report.notes.append(f"removed {ctx.layout.display(path)}, a backup made by an interrupted apply")
-    _io(lambda: mf.save(ctx.manifest_path, bind(ctx, loaded.manifest)))
-    _io(lambda: ctx.journal_path.unlink())
-    report.notes.append("finished recording a run that was interrupted")
-    return loaded.manifest
-
-
-def _orphan_backups(ctx: Context, manifest: mf.Manifest, journal: list[mf.JournalItem]) -> list[Path]:
-    """Backups an interrupted apply created for changes it never made."""
-    kept = {(e.backup_base, e.backup) for e in manifest.entries}
-    orphans = []
-    for item in journal:
-        entry = item.entry
-        if item.op != "add" or not entry.backup_created or (entry.backup_base, entry.backup) in kept:
-            continue
-        path = ctx.layout.resolve(entry.backup_base, entry.backup)
-        data = read(path)
-        if data is not None and sha256(data) == entry.backup_sha256:
-            orphans.append(path)
-    return orphans
-
-
 # ---------------------------------------------------------------- the all-or-nothing write
 
 
-def _commit(ctx: Context, report: Report, changes: list[Change], manifest: mf.Manifest) -> None:
-    """Journal, backups, files, manifest; roll every file back on any failure."""
-    journal = [c.journal for c in changes if c.journal is not None]
+def _commit(folder: StateFolder, report: Report, changes: list[Change], manifest: mf.Manifest) -> None:
+    """Journal, backups, files, manifest, rolling every file back on any failure; then clear what is unneeded."""
+    ctx = folder.ctx
+    items = [replace(c.journal, from_sha256=None if c.old is None else sha256(c.old))
+             for c in changes if c.journal is not None]
     linked = [c.path for c in changes if c.writes and is_hardlinked(c.path)]
     undo: list[tuple[Path, bytes | None]] = []
     try:
-        mf.save_journal(ctx.journal_path, journal)
+        journal = folder.begin(items, dict.fromkeys(p for c in changes for p in c.remove_after))
         for change in changes:
-            _write_change(change, undo)
-        for item in journal:
+            _write_change(folder, change, undo)
+        for item in items:
             manifest = manifest.with_entry(item.entry) if item.op == "add" else manifest.without(item.entry)
         crash_point("before-manifest")
-        mf.save(ctx.manifest_path, bind(ctx, manifest))
-        ctx.journal_path.unlink()
+        folder.record(manifest)
     except BaseException as exc:
         _rollback(undo)
-        ctx.journal_path.unlink(missing_ok=True)
+        folder.abort()
         if not isinstance(exc, Exception):
             raise
         raise Abort(*_io_failure(exc)) from None
+    folder.finish(manifest, journal, report)
     for change in changes:
         if change.writes:
             clear_bytecode(change.path)
@@ -192,20 +165,16 @@ def _commit(ctx: Context, report: Report, changes: list[Change], manifest: mf.Ma
                             "and the other links keep the original bytes")
 
 
-def _write_change(change: Change, undo: list[tuple[Path, bytes | None]]) -> None:
+def _write_change(folder: StateFolder, change: Change, undo: list[tuple[Path, bytes | None]]) -> None:
     for path, data in change.first:
-        path.parent.mkdir(parents=True, exist_ok=True)
         undo.append((path, read(path)))
-        atomic_write(path, data, 0o644)
+        folder.keep(path, data)
     crash_point("after-backup")
     if change.writes:
         assert change.new is not None
         undo.append((change.path, change.old))
         atomic_write(change.path, change.new)
     crash_point("after-write")
-    for path in change.remove_after:
-        undo.append((path, read(path)))
-        path.unlink(missing_ok=True)
 
 
 def _rollback(undo: list[tuple[Path, bytes | None]]) -> None:
@@ -235,10 +204,3 @@ def _io_failure(exc: BaseException) -> tuple[Code, str]:
         where = f"{exc.filename}: " if exc.filename else ""
         return Code.IO, f"{where}write failed ({exc.strerror or exc}); every file was rolled back"
     return Code.IO, f"write failed ({exc.__class__.__name__}: {exc}); every file was rolled back"
-
-
-def _io(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except OSError as exc:
-        raise Abort(*_io_failure(exc)) from None
