@@ -199,8 +199,9 @@ def doctor(where: Where, as_json_output: bool) -> None:
 
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the throwaway workspace and print where it is.")
-def demo(keep: bool) -> None:
+@click.option("--diff", "show_diff", is_flag=True, help="Show each step's full report and the diffs.")
+def demo(keep: bool, show_diff: bool) -> None:
     """Run apply, status, verify and revert on a throwaway copy of the installed toto-ts."""
     from .demo import run_demo
 
-    sys.exit(run_demo(click.echo, keep))
+    sys.exit(run_demo(click.echo, keep, show_diff))
