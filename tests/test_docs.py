@@ -166,3 +166,18 @@ def test_the_readme_headline_table_is_the_result_file() -> None:
     for line in headline_table():
         assert line in readme, line
     assert f"]({HEADLINE.with_suffix('.png').relative_to(REPO)})" in readme
+
+
+# ---------------------------------------------------------------- the version and the change log
+
+def test_version_prints_the_package_version_which_the_changelog_records() -> None:
+    from click.testing import CliRunner
+
+    import totopatch
+    from totopatch.cli import main
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"totopatch, version {totopatch.__version__}"
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog
+    assert re.search(rf"^## \[{re.escape(totopatch.__version__)}\] - \d{{4}}-\d\d-\d\d$", changelog, re.M)
