@@ -73,7 +73,8 @@ def _selected(ids: tuple[str, ...]) -> list:
         _die(exc.code, str(exc))
 
 
-json_option = click.option("--json", "as_json_output", is_flag=True, help="Print a JSON report (schema in docs/commands.md).")
+json_option = click.option("--json", "as_json_output", is_flag=True,
+                           help="Print a JSON report (schema in docs/commands.md).")
 patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 
 
