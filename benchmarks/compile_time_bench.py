@@ -22,12 +22,13 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import child_env, installed_toto_parent, log_tail, make_patched_tree, run_process  # noqa: E402
+
 LENGTHS = (200, 333, 480)
 SHAPE = dict(patch_size=16, stride=16, embed_dim=64, num_heads=4, mlp_hidden_dim=128,
              output_distribution_kwargs={"k_components": 4})
@@ -76,18 +77,6 @@ def worker(parent: str, out: str) -> None:
     }))
 
 
-def make_tree(work: Path, name: str, patches: tuple[str, ...]) -> Path:
-    import toto
-
-    parent = work / name
-    shutil.copytree(Path(toto.__file__).parent, parent / "toto", ignore=shutil.ignore_patterns("__pycache__"))
-    run = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(parent), "apply", *patches],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        raise SystemExit(f"apply failed: {run.stderr.strip()}")
-    return parent
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=2)
@@ -100,18 +89,19 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="totopatch-compile-"))
     try:
-        trees = {"without": make_tree(work, "without", tuple(p for p in DEFAULT if p != "layer-region")),
-                 "with": make_tree(work, "with", DEFAULT)}
+        parent = installed_toto_parent()
+        without = tuple(p for p in DEFAULT if p != "layer-region")
+        trees = {"without": make_patched_tree(work / "without", parent, without)[0],
+                 "with": make_patched_tree(work / "with", parent, DEFAULT)[0]}
         rows, reference = [], None
         for index in range(args.pairs * 2):
             name = ("without", "with")[index % 2]
             out = work / f"row{index}.json"
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor{index}"),
-                   "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-            run = subprocess.run([sys.executable, __file__, "--worker", str(trees[name]), str(out)], env=env,
-                                 capture_output=True, text=True)
-            if run.returncode != 0:
-                raise SystemExit(f"row {name} failed: {run.stderr.strip()[-2000:]}")
+            env = child_env({"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor{index}"), "PYTHONWARNINGS": "ignore"})
+            log = work / f"row{index}.log"
+            rc, _ = run_process([sys.executable, __file__, "--worker", str(trees[name]), str(out)], log, 3600, env)
+            if rc != 0:
+                raise SystemExit(f"row {name} failed ({rc}): {log_tail(log, 2000)}")
             row = {"tree": name, **json.loads(out.read_text())}
             samples = torch.load(str(out) + ".pt")
             reference = reference or samples

@@ -1,24 +1,22 @@
 #!/bin/bash
 # The GPU smoke checks of issue 4, on the lent GPU machine (see /work/.library/device/README.md).
 # Usage (from the repo root, with .whl carried): bash benchmarks/device_smoke.sh
-# Runs, each logged under $OUT (or benchmarks/results/smoke):
+# Runs, each logged under $OUT (or benchmarks/results/<date>_cuda_smoke):
 #   1. pytest -m gpu tests/test_gpu.py (apply to a copy of the installed toto-ts, base shape, reduce-overhead);
 #   2. totopatch verify --smoke --device cuda --backend inductor --mode reduce-overhead on a demo project;
 #   3. python -m totopatch.smoke on the unpatched and the patched tree, tiny and base shapes.
 # pytest and the CLI run from a scratch folder, so that `import totopatch` is the installed wheel
 # built into .whl, as a user has it.
 set -o pipefail
+source "$(dirname "$0")/device_common.sh"
 REPO=$(pwd)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+device_install || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-OUTDIR=${OUT:-$REPO/benchmarks/results/smoke}
-mkdir -p "$OUTDIR" /tmp/scratch && cd /tmp/scratch || exit 1
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import sys, torch, toto, totopatch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'totopatch', totopatch.__file__)"
-} 2>&1 | tee "$OUTDIR/env.txt"
+OUTDIR=$(device_outdir "$REPO/benchmarks/results/$(date -u +%F)_cuda_smoke") || exit 1
+mkdir -p /tmp/scratch && cd /tmp/scratch || exit 1
+device_env "$OUTDIR/env.txt"
 status=0
-python3 -m pytest -c "$REPO/setup.cfg" --rootdir "$REPO" -p no:cacheprovider -m gpu -v -s "$REPO/tests/test_gpu.py" \
+python3 -m pytest -c "$REPO/setup.cfg" --rootdir "$REPO" -o addopts="" -p no:cacheprovider -m gpu -v -s "$REPO/tests/test_gpu.py" \
   2>&1 | tee "$OUTDIR/pytest_gpu.log" || status=1
 python3 -c "from pathlib import Path; from totopatch.demo import build_workspace; build_workspace(Path('/tmp/scratch/proj'))" || exit 1
 { totopatch --root /tmp/scratch/proj apply && \

@@ -19,20 +19,20 @@ Examples::
     # CPU smoke test of the harness itself
     python benchmarks/gpu_bench.py --tiny --device cpu --backend eager
 
-A row spec is ``VARIANT:MODE[@SCENARIO+SCENARIO]`` (the suffix limits the row's scenarios).  VARIANT is ``unpatched`` (the toto under --toto-parent),
-``patched`` (the toto under --patched-parent).  MODE is ``eager`` or a torch.compile
-mode.  The bare word ``eager`` means ``unpatched:eager``, the reference for speed-ups and diffs.
+Each row runs in ``gpu_worker.py``; the process runner, the environment capture and the result files are
+``harness.py``'s, shared with ``backtest_bench.py``.  Results go to ``--out``, by default
+``benchmarks/results/<date>_<device>_gpu_bench/``.
+
+A row spec is ``VARIANT:MODE[@SCENARIO+SCENARIO]`` (the suffix limits the row's scenarios).  VARIANT is
+``unpatched`` (the toto under --toto-parent) or ``patched`` (the toto under --patched-parent).  MODE is
+``eager`` or a torch.compile mode.  The bare word ``eager`` means ``unpatched:eager``, the reference for
+speed-ups and diffs.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,16 +40,16 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+for _path in (HERE.parent, HERE):  # the checkout's totopatch, importable without installing it; the siblings
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from harness import (add_tree_arguments, child_env, compile_cache_env, default_device, default_out, environment, fmt,  # noqa: E402
+                     log_tail, run_process, write_results)
+from totopatch.model_shape import toto_kwargs  # noqa: E402
+
 DEFAULT_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-from totopatch.model_shape import toto_kwargs  # noqa: E402  (the checkout, importable without installing)
-
 # the model shapes are defined once, in totopatch/model_shape.py (shared with totopatch/smoke.py)
-BASE_CONFIG = toto_kwargs("base")
-TINY_CONFIG = toto_kwargs("tiny")
 SCENARIOS = {
     # 1 series of 8 variates, context 512, 384 ahead = prefill + 5 decode steps
     "decode": dict(variates=8, context=512, prediction=384, num_samples=None, samples_per_batch=1),
@@ -60,278 +60,6 @@ TINY_SCENARIOS = {
     "decode": dict(variates=3, context=64, prediction=48, num_samples=None, samples_per_batch=1),
     "samples": dict(variates=1, context=64, prediction=32, num_samples=8, samples_per_batch=8),
 }
-
-
-# --------------------------------------------------------------------------------------
-# worker: one (variant, mode) in a fresh process
-# --------------------------------------------------------------------------------------
-
-
-def _log_counter(torch_mod):
-    """Count log records that name recompiles / cudagraph skips, whatever logger they use."""
-    import logging
-
-    class Counter(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.DEBUG)
-            self.recompiles: list[str] = []
-            self.skips: list[str] = []
-            self._seen: set[int] = set()
-
-        def emit(self, record):
-            if id(record) in self._seen:  # the same record reaching us through two loggers
-                return
-            self._seen.add(id(record))
-            try:
-                msg = record.getMessage()
-            except Exception:  # noqa: BLE001
-                return
-            if "Recompiling function" in msg:
-                self.recompiles.append(msg)
-            if "skipping cudagraphs" in msg.lower():
-                self.skips.append(msg)
-
-    h = Counter()
-    try:
-        torch_mod._logging.set_logs(recompiles=True, graph_breaks=True)
-    except Exception as e:  # noqa: BLE001
-        print("set_logs failed:", e, file=sys.stderr)
-    # torch._logging puts its handlers on a few top-level loggers that don't propagate;
-    # hang ours beside each of them (and on "torch" in case none is there yet)
-    names = {"torch"} | {
-        n for n, lg in logging.root.manager.loggerDict.items()
-        if n.startswith("torch") and isinstance(lg, logging.Logger) and lg.handlers
-    }
-    for n in names:
-        logging.getLogger(n).addHandler(h)
-    return h
-
-
-def _make_inputs(torch, toto_data, scen, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    v, t = scen["variates"], scen["context"]
-    steps = torch.arange(t, dtype=torch.float32)
-    phase = torch.rand(v, 1, generator=g) * 6.28
-    period = 24 + 48 * torch.rand(v, 1, generator=g)
-    series = torch.sin(2 * torch.pi * steps / period + phase) * (1 + 3 * torch.rand(v, 1, generator=g))
-    series = series + 0.1 * torch.randn(v, t, generator=g) + 10 * torch.rand(v, 1, generator=g)
-    ts = (1_700_000_000 + 60 * torch.arange(t)).expand(v, t).to(torch.int64)
-    return toto_data.MaskedTimeseries(
-        series=series.to(device),
-        padding_mask=torch.ones(v, t, dtype=torch.bool, device=device),
-        id_mask=torch.zeros(v, t, dtype=torch.int, device=device),
-        timestamp_seconds=ts.to(device),
-        time_interval_seconds=torch.full((v,), 60, dtype=torch.int, device=device),
-    )
-
-
-def _diff(torch, out, ref):
-    out = out.detach().double().cpu()
-    ref = ref.detach().double().cpu()
-    if out.shape != ref.shape:
-        return {"shape_mismatch": [list(out.shape), list(ref.shape)]}
-    d = (out - ref).abs()
-    scale = max(ref.abs().max().item(), 1e-30)
-    return {
-        "max_abs": d.max().item(),
-        # max |out - ref| / max |ref|: the forecast crosses zero, so a purely elementwise
-        # ratio measures only how close to zero the nearest value lies
-        "max_rel": d.max().item() / scale,
-        # elementwise |out - ref| / |ref|, floored at 1e-3 * max|ref|
-        "max_rel_elem": (d / ref.abs().clamp_min(1e-3 * scale)).max().item(),
-        # ||out - ref|| / ||ref||
-        "norm_rel": (torch.linalg.vector_norm(out - ref) / max(torch.linalg.vector_norm(ref).item(), 1e-30)).item(),
-        "nan": bool(torch.isnan(out).any().item()),
-    }
-
-
-def worker(spec: dict, install: Any = None) -> dict:
-    """Run one (variant, mode) in this process; ``install(spec)`` may swap code into toto first and
-    return ``{"note": str, "stats": callable}`` (used by benchmarks/exploration/)."""
-    t_start = time.perf_counter()
-    toto_parent = spec["toto_parent"]
-    if toto_parent:
-        sys.path.insert(0, str(Path(toto_parent).resolve()))
-    import torch
-
-    import toto
-
-    toto_file = str(Path(toto.__file__).resolve())
-    if toto_parent:
-        want = str(Path(toto_parent).resolve())
-        if not toto_file.startswith(want + os.sep):
-            raise SystemExit(f"imported toto from {toto_file}, not from {want}")
-    hooks = install(spec) if install is not None else {}
-    patch_note = hooks.get("note", "none")
-    pool_stats = hooks.get("stats", dict)
-    from toto.data.util import dataset as toto_data
-    from toto.inference.forecaster import TotoForecaster
-    from toto.model.toto import Toto
-
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    logc = _log_counter(torch)
-    from torch._dynamo.utils import counters
-
-    # count cudagraph recordings (a re-record after warm-up is as bad as a recompile)
-    records = {"n": 0}
-    if cuda:
-        from torch._inductor import cudagraph_trees as cgt
-
-        orig_record = cgt.CUDAGraphTreeManager.record_function
-
-        def record_function(self, *a, **k):
-            records["n"] += 1
-            return orig_record(self, *a, **k)
-
-        cgt.CUDAGraphTreeManager.record_function = record_function
-
-        # keep the text of every cudagraph skip (the "cudagraphs" log artifact is off)
-        import importlib
-
-        def keep_skip(fn):
-            def wrapped(msg, *a, **k):
-                logc.skips.append(str(msg))
-                return fn(msg, *a, **k)
-
-            return wrapped
-
-        for modname in ("cudagraph_utils", "cudagraph_trees", "output_code", "compile_fx"):
-            try:
-                mod = importlib.import_module(f"torch._inductor.{modname}")
-            except ImportError:
-                continue
-            if hasattr(mod, "log_cudagraph_skip_and_bump_counter"):
-                mod.log_cudagraph_skip_and_bump_counter = keep_skip(mod.log_cudagraph_skip_and_bump_counter)
-
-    cfg = TINY_CONFIG if spec["tiny"] else BASE_CONFIG
-    scenarios = TINY_SCENARIOS if spec["tiny"] else SCENARIOS
-    torch.manual_seed(spec["seed"])
-    model = Toto(**cfg).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mode = spec["mode"]
-    if mode == "eager":
-        backbone = model.model
-    elif spec.get("backend"):
-        backbone = torch.compile(model.model, backend=spec["backend"])
-    else:
-        backbone = torch.compile(model.model, mode=None if mode == "default" else mode)
-    forecaster = TotoForecaster(backbone)
-
-    rows = []
-    for name in spec["scenarios"]:
-        scen = scenarios[name]
-        torch._dynamo.reset()
-        if cuda:
-            try:
-                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-                reset_cudagraph_trees()
-            except Exception as e:  # noqa: BLE001
-                print("reset_cudagraph_trees failed:", e, file=sys.stderr)
-        counters.clear()
-        logc.recompiles.clear()
-        logc.skips.clear()
-        records["n"] = 0
-        inputs = _make_inputs(torch, toto_data, scen, device, spec["seed"])
-
-        def call():
-            torch.manual_seed(spec["seed"] + 1)
-            # no inference_mode: users call forecast() as is (it runs under no_grad)
-            return forecaster.forecast(
-                inputs,
-                prediction_length=scen["prediction"],
-                num_samples=scen["num_samples"],
-                samples_per_batch=scen["samples_per_batch"],
-                use_kv_cache=True,
-            )
-
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        row = {"scenario": name, "variant": spec["variant"], "mode": mode, "patch": patch_note}
-        try:
-            sync()
-            t0 = time.perf_counter()
-            fc = call()
-            sync()
-            row["first_call_s"] = time.perf_counter() - t0
-            for _ in range(spec["warmup"]):
-                fc = call()
-            sync()
-            frames_ok = counters["frames"]["ok"]
-            n_recompile_logs = len(logc.recompiles)
-            skips_before = counters["inductor"]["cudagraph_skips"]
-            records_before = records["n"]
-            times = []
-            for _ in range(spec["runs"]):
-                sync()
-                t0 = time.perf_counter()
-                fc = call()
-                sync()
-                times.append((time.perf_counter() - t0) * 1e3)
-            row.update(
-                median_ms=statistics.median(times),
-                min_ms=min(times),
-                max_ms=max(times),
-                runs=len(times),
-                warmup=spec["warmup"],
-                frames_compiled=frames_ok,
-                recompiles_total=len(logc.recompiles),
-                recompiles_after_warmup=len(logc.recompiles) - n_recompile_logs,
-                frames_compiled_after_warmup=counters["frames"]["ok"] - frames_ok,
-                graph_breaks=sum(counters["graph_break"].values()),
-                graph_break_reasons=dict(counters["graph_break"]),
-                unique_graphs=counters["stats"]["unique_graphs"],
-                cudagraph_skips=counters["inductor"]["cudagraph_skips"] + 0,
-                cudagraph_skips_after_warmup=counters["inductor"]["cudagraph_skips"] - skips_before,
-                cudagraph_skip_msgs=sorted(set(m[:300] for m in logc.skips))[:5],
-                cudagraph_records=records["n"],
-                cudagraph_records_after_warmup=records["n"] - records_before,
-                recompile_reasons=[m[:400] for m in logc.recompiles[:12]],
-                pool=pool_stats(),
-            )
-            if cuda:
-                row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-                row["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-            out = {"mean": fc.mean.detach().float().cpu()}
-            if fc.samples is not None:
-                out["samples"] = fc.samples.detach().float().cpu()
-            ref_path = Path(spec["ref_dir"]) / f"ref_{name}.pt"
-            if spec["save_ref"]:
-                torch.save(out, ref_path)
-            elif ref_path.exists():
-                ref = torch.load(ref_path)
-                row["diff_mean"] = _diff(torch, out["mean"], ref["mean"])
-                if "samples" in out and "samples" in ref:
-                    row["diff_samples"] = _diff(torch, out["samples"], ref["samples"])
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        rows.append(row)
-        print("ROW", json.dumps({k: v for k, v in row.items() if k not in ("graph_break_reasons", "recompile_reasons")}), flush=True)
-    return {
-        "rows": rows,
-        "toto_file": toto_file,
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(device) if cuda else platform_cpu(),
-        "worker_s": time.perf_counter() - t_start,
-    }
-
-
-def platform_cpu() -> str:
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-# --------------------------------------------------------------------------------------
-# orchestrator
-# --------------------------------------------------------------------------------------
 
 
 def parse_row(text: str) -> dict:
@@ -356,62 +84,40 @@ def default_rows(args) -> list[str]:
     return rows
 
 
-def run_worker(spec: dict, args, log_dir: Path, script: Path | None = None) -> dict:
+def run_worker(spec: dict, args: argparse.Namespace, log_dir: Path, script: Path | None = None) -> dict:
+    """Run one row's scenarios in a fresh process with empty compile caches; its result, or one error per scenario."""
     tag = f"{spec['variant']}_{spec['mode']}".replace("=", "-").replace("+", "-").replace(":", "-")
     cache_root = Path(tempfile.mkdtemp(prefix=f"tb_{tag}_"))
-    env = dict(os.environ)
-    env.update(
-        TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"),
-        TRITON_CACHE_DIR=str(cache_root / "triton"),
-        PYTHONUNBUFFERED="1",
-    )
-    spec_path = cache_root / "spec.json"
-    res_path = cache_root / "result.json"
+    spec_path, res_path = cache_root / "spec.json", cache_root / "result.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", str(spec_path), "--result", str(res_path)]
-    t0 = time.perf_counter()
     log_path = log_dir / f"{tag}.log"
-    with open(log_path, "w") as log:
-        # own process group, so a timeout also ends inductor's compile workers
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=args.worker_timeout)
-        except subprocess.TimeoutExpired:
-            rc = f"timeout after {args.worker_timeout}s"
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    wall = time.perf_counter() - t0
+    rc, wall = run_process(cmd, log_path, args.worker_timeout, child_env(compile_cache_env(cache_root)))
     if res_path.exists():
         res = json.loads(res_path.read_text())
     else:
-        tail = log_path.read_text()[-1500:]
-        res = {"rows": [{"scenario": s, "variant": spec["variant"], "mode": spec["mode"], "error": f"worker rc={rc}: {tail}"} for s in spec["scenarios"]]}
+        res = {"rows": [{"scenario": s, "variant": spec["variant"], "mode": spec["mode"],
+                         "error": f"worker rc={rc}: {log_tail(log_path, 1500)}"} for s in spec["scenarios"]]}
     res["wall_s"] = wall
     res["rc"] = rc
     shutil.rmtree(cache_root, ignore_errors=True)
     return res
 
 
-def fmt(x, nd=1):
-    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
-
-
 def label(row) -> str:
     return f"{row['variant']} / {row['mode']}"
 
 
-def write_reports(meta: dict, rows: list[dict], out_dir: Path, stem: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def score(rows: list[dict]) -> None:
+    """Each row's speed-up against the unpatched eager row of its scenario."""
     eager = {r["scenario"]: r.get("median_ms") for r in rows if r["variant"] == "unpatched" and r["mode"] == "eager"}
     for r in rows:
         e = eager.get(r["scenario"])
         if e and r.get("median_ms"):
             r["speedup_vs_eager"] = e / r["median_ms"]
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
+
+def markdown(meta: dict, rows: list[dict]) -> str:
     head = (
         f"# Toto torch.compile benchmark\n\n"
         f"- device: {meta['gpu']}\n- torch: {meta['torch']}\n- date: {meta['date']}\n"
@@ -452,16 +158,11 @@ def write_reports(meta: dict, rows: list[dict], out_dir: Path, stem: str) -> Non
         lines.append("## graph-break reasons\n\n")
         for k, v in reasons.items():
             lines.append(f"- {k}: " + "; ".join(v[:6]) + "\n")
-    (out_dir / f"{stem}.md").write_text("".join(lines))
+    return "".join(lines)
 
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no chart", file=sys.stderr)
-        return
+def chart(meta: dict, rows: list[dict], plt: Any, path: Path) -> None:
+    """One bar chart per scenario: each row's speed-up against unpatched eager."""
     scens = meta["scenarios"]
     fig, axes = plt.subplots(1, len(scens), figsize=(7 * len(scens), 0.45 * max(6, len(rows) // len(scens)) + 2), squeeze=False)
     for ax, scen in zip(axes[0], scens):
@@ -480,24 +181,19 @@ def write_reports(meta: dict, rows: list[dict], out_dir: Path, stem: str) -> Non
         ax.set_xlim(0, max(vals + [1.0]) * 1.35)
     fig.suptitle(f"Toto forecast, {meta['gpu']}, torch {meta['torch']}, {meta['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None = None) -> int:
     """The benchmark; ``parse``, ``install`` and ``script`` let benchmarks/exploration/ add row kinds."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--toto-parent", default="", help="dir containing the unpatched `toto` package (default: installed)")
-    ap.add_argument("--patched-parent", default="", help="dir containing the patched `toto` package")
+    add_tree_arguments(ap)
     ap.add_argument("--rows", default="", help="comma-separated VARIANT:MODE rows (default: eager + both variants x modes)")
     ap.add_argument("--max-autotune", action="store_true", help="add mode max-autotune to the default rows")
     ap.add_argument("--scenarios", default="decode,samples")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="warm-up calls after the first call")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="small model and short scenarios (CPU test)")
-    ap.add_argument("--device", default="", help="cuda (default when available) or cpu")
-    ap.add_argument("--backend", default="", help="torch.compile backend instead of inductor (e.g. eager); mode ignored")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default="", help="result folder (default benchmarks/results/<date>_<device>_gpu_bench)")
     ap.add_argument("--stem", default="", help="file name stem for json/md/png (default gpu_bench_<date>)")
     ap.add_argument("--worker-timeout", type=int, default=900)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -506,15 +202,13 @@ def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None
 
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
+        from gpu_worker import worker
+
         res = worker(spec, install)
         Path(args.result).write_text(json.dumps(res, default=str))
         return 0
 
-    device = args.device
-    if not device:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or default_device()
     rows_spec = [parse(t) for t in (args.rows.split(",") if args.rows else default_rows(args))]
     if not any(s["variant"] == "unpatched" and s["mode"] == "eager" for s in rows_spec):
         rows_spec.insert(0, parse("eager"))
@@ -522,11 +216,11 @@ def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None
     rows_spec.sort(key=lambda s: not (s["variant"] == "unpatched" and s["mode"] == "eager"))
     scenarios = [s for s in args.scenarios.split(",") if s]
     ref_dir = Path(tempfile.mkdtemp(prefix="tb_ref_"))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else default_out("gpu_bench" + ("_tiny" if args.tiny else ""), device)
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    stem = args.stem or ("gpu_bench_" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d_%H%M") + ("_tiny" if args.tiny else ""))
+    date = environment(device)["date"]
+    stem = args.stem or ("gpu_bench_" + date[:16].replace("-", "").replace(" ", "_").replace(":", "") + ("_tiny" if args.tiny else ""))
 
     all_rows, meta = [], None
     for i, spec in enumerate(rows_spec):
@@ -542,6 +236,7 @@ def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None
             warmup=args.warmup,
             scenarios=[x for x in scenarios if not spec["only"] or x in spec["only"]],
             backend=args.backend if spec["mode"] != "eager" else "",
+            scenario_params=TINY_SCENARIOS if args.tiny else SCENARIOS,
             ref_dir=str(ref_dir),
             save_ref=(i == 0),
         )
@@ -563,7 +258,7 @@ def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None
             meta = {"gpu": res["gpu"], "torch": res["torch"]}
         # write after every worker so a killed run still leaves results
         m = dict(meta or {"gpu": "?", "torch": "?"})
-        cfg = TINY_CONFIG if args.tiny else BASE_CONFIG
+        cfg = toto_kwargs("tiny" if args.tiny else "base")
         m.update(
             date=date,
             runs=args.runs,
@@ -584,7 +279,9 @@ def main(argv=None, *, parse=parse_row, install: Any = None, script: Path | None
                 for k, v in (TINY_SCENARIOS if args.tiny else SCENARIOS).items()
             },
         )
-        write_reports(m, all_rows, out_dir, stem)
+        score(all_rows)
+        write_results(out_dir, stem, {"meta": m, "rows": all_rows}, markdown(m, all_rows),
+                      lambda plt, path: chart(m, all_rows, plt, path))
     shutil.rmtree(ref_dir, ignore_errors=True)
     print((out_dir / f"{stem}.md").read_text())
     return 0

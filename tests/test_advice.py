@@ -9,7 +9,7 @@ import pytest
 from totopatch import advice
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 
 
 def figures(data: dict, s: advice.Scenario, mode: str, cache: str) -> tuple[float, float]:
@@ -42,5 +42,5 @@ def test_break_even_is_compile_seconds_over_the_time_saved_per_forecast() -> Non
     assert dataclasses.replace(s, compiled_ms=100.0).break_even is None  # compiled is no faster: never
 
 
-def test_the_readme_table_is_generated_from_the_data() -> None:
-    assert advice.markdown_table() in README.read_text()
+def test_the_performance_page_table_is_generated_from_the_data() -> None:
+    assert advice.markdown_table() in PAGE.read_text()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,12 +53,31 @@ def test_tiny_replay_writes_every_key_with_sane_values(tmp_path: Path) -> None:
     assert "patched / default" in proc.stdout  # a progress line per finished row
 
 
-def test_a_failing_row_is_recorded_with_its_error(tmp_path: Path) -> None:
+def bench() -> Any:
+    """benchmarks/backtest_bench.py as a module."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import backtest_bench as bb
+        import backtest_bench
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+    return backtest_bench
+
+
+def test_rows_name_a_known_variant_and_mode_and_the_reference_runs_first() -> None:
+    bb = bench()
+    args = bb.arguments(["--rows", "patched:reduce-overhead+dynamic=mark,patched:eager", "--warm", "dir"])
+    rows = bb.expand_rows(args)
+    assert [(r["variant"], r["mode"], r["cache"]) for r in rows] == [
+        ("unpatched", "eager", "fresh"), ("patched", "reduce-overhead", "fresh"), ("patched", "reduce-overhead", "warm"),
+        ("patched", "eager", "fresh")]
+    assert rows[1]["options"]["dynamic"] == "mark" and rows[2]["options"]["warm_from"] == "cache-dir"
+    for bad in ("patched:graphs", "patched-samelaw:eager", "patched"):
+        with pytest.raises(SystemExit, match="VARIANT one of unpatched, patched, MODE one of eager"):
+            bb.parse_row(bad, args)
+
+
+def test_a_failing_row_is_recorded_with_its_error(tmp_path: Path) -> None:
+    bb = bench()
     empty = tmp_path / "no_toto_here"
     empty.mkdir()
     spec = {"variant": "patched", "mode": "eager", "cache": "fresh", "options": {"dynamic": None, "regional": False},

@@ -1,4 +1,4 @@
-"""The pre-commit hook and the README's CI workflow run as shipped, so neither can rot."""
+"""The pre-commit hook and the CI workflow of docs/ci.md run as shipped, so neither can rot."""
 from __future__ import annotations
 
 import json
@@ -62,21 +62,24 @@ def test_pre_commit_hook_entry_runs_and_gates(project: Path, tmp_path: Path) -> 
     assert run() == 0
 
 
-# ---------------------------------------------------------------- the README's GitHub Actions workflow
+# ---------------------------------------------------------------- the GitHub Actions workflow of docs/ci.md
 
-def readme_workflow() -> dict:
-    readme = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```yaml\n(# \.github/workflows/totopatch\.yml\n.*?)```", readme, re.S)
-    assert len(blocks) == 1, "README must hold exactly one example workflow"
+CI_PAGE = REPO / "docs" / "ci.md"
+
+
+def documented_workflow() -> dict:
+    page = CI_PAGE.read_text()
+    blocks = re.findall(r"```yaml\n(# \.github/workflows/totopatch\.yml\n.*?)```", page, re.S)
+    assert len(blocks) == 1, f"{CI_PAGE} must hold exactly one example workflow"
     return yaml.safe_load(blocks[0])
 
 
 def workflow_steps() -> tuple[dict, list[dict]]:
-    job = readme_workflow()["jobs"]["patches"]
+    job = documented_workflow()["jobs"]["patches"]
     return job, job["steps"]
 
 
-def test_readme_workflow_installs_totopatch_and_toto_without_dependencies() -> None:
+def test_documented_workflow_installs_totopatch_and_toto_without_dependencies() -> None:
     job, steps = workflow_steps()
     assert job["defaults"]["run"]["shell"] == "bash"  # bash -eo pipefail: a non-zero exit fails the job
     installs = [s["run"] for s in steps if "pip install" in s.get("run", "")]
@@ -118,7 +121,7 @@ def run_workflow(tmp_path: Path, only: tuple[str, ...] = ()) -> tuple[Path, Path
     return checkout, site, codes
 
 
-def test_readme_workflow_patches_and_verifies_the_installed_toto(tmp_path: Path) -> None:
+def test_documented_workflow_patches_and_verifies_the_installed_toto(tmp_path: Path) -> None:
     checkout, site, codes = run_workflow(tmp_path)
     assert codes == [0, 0]
     report = json.loads((checkout / "totopatch-report.json").read_text())
@@ -129,7 +132,7 @@ def test_readme_workflow_patches_and_verifies_the_installed_toto(tmp_path: Path)
     assert "totopatch kv-cache: begin" not in (installed_toto_package() / "model" / "util.py").read_text()
 
 
-def test_readme_workflow_fails_the_job_when_verify_fails(tmp_path: Path) -> None:
+def test_documented_workflow_fails_the_job_when_verify_fails(tmp_path: Path) -> None:
     checkout, _, codes = run_workflow(tmp_path, only=("verify",))  # nothing applied: verify must fail
     assert codes == [1]
     report = json.loads((checkout / "totopatch-report.json").read_text())

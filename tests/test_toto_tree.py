@@ -134,6 +134,7 @@ def test_reinstalled_toto_is_reported_as_replaced(tmp_path) -> None:
     assert run_installed(site, project, "verify", "kv-cache").returncode == 1
 
 
+@pytest.mark.slow
 def test_verify_smoke_compiles_the_patched_tree(project, cli) -> None:
     assert cli(project, "apply").exit_code == 0
     ran = cli(project, "verify", "--smoke", "--device", "cpu", "--json")
@@ -148,6 +149,7 @@ def test_verify_smoke_compiles_the_patched_tree(project, cli) -> None:
                       "smoke: warm-up forecast", "smoke: compiled forecast"]  # on stderr; stdout parsed as JSON above
 
 
+@pytest.mark.slow
 def test_verify_smoke_fails_on_a_tree_that_recompiles(project, cli) -> None:
     """Only compile-mode applied: the unpatched cache recompiles after warm-up, and verify says so."""
     assert cli(project, "apply", "compile-mode").exit_code == 0
@@ -172,6 +174,7 @@ def test_dry_runs_say_what_they_would_do(project, cli) -> None:
     assert cli(project, "status", "compile-mode", "--check").exit_code == 0
 
 
+@pytest.mark.slow
 def test_verify_smoke_with_inductor_matches_eager(project, cli) -> None:
     """The default patch set under inductor: the spacewise-mask patch keeps compiled forecasts equal to eager."""
     assert cli(project, "apply").exit_code == 0

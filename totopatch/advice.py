@@ -1,7 +1,7 @@
 """Measured advice: after how many forecasts in one process compiling Toto pays for its compile time.
 
 Every figure is copied from a result file committed under ``benchmarks/results/``, and
-``tests/test_advice.py`` checks each one against its file; the README's break-even table is
+``tests/test_advice.py`` checks each one against its file; the break-even table of ``docs/performance.md`` is
 ``python -m totopatch.advice`` and is checked against this data too.  To add a call pattern, add one
 ``Scenario`` to ``SCENARIOS``.
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str  # the scenario's name in the result file
     call_pattern: str
-    source: str  # relative to benchmarks/results/
+    source: str  # the result file, relative to benchmarks/results/
     device: str
     torch: str
     date: str
@@ -36,13 +37,13 @@ class Scenario:
         return math.ceil(self.compile_s / saved_s) if saved_s > 0 else None
 
 
-_H200 = dict(source="final_h200_20261126.json", device="NVIDIA H200", torch="2.11.0+cu130",
-             date="2026-11-26", variant="patched")
+_H200 = dict(source="2026-11-26_h200_gpu_bench/final_h200_20261126.json", device="NVIDIA H200",
+             torch="2.11.0+cu130", date="2026-11-26", variant="patched")
 _DECODE = "decode: 8 variates, context 512, prediction 384, mean forecast"
 _SAMPLES = "samples: 1 variate, context 512, prediction 64, 256 samples in one batch"
 
-_BACKTEST_H200 = dict(source="backtest_h200_20261128.json", device="NVIDIA H200", torch="2.11.0+cu130",
-                      date="2026-11-28", variant="patched")
+_BACKTEST_H200 = dict(source="2026-11-28_h200_backtest/backtest_h200_20261128.json", device="NVIDIA H200",
+                      torch="2.11.0+cu130", date="2026-11-28", variant="patched")
 _BACKTEST = ("backtest: 42 one-step forecasts over 6 context lengths (512-2200), 3072 samples in batches of 384, "
              "TF32 on")
 
@@ -74,12 +75,13 @@ def lines() -> list[str]:
 
 
 def markdown_table() -> str:
-    """The README's break-even table."""
+    """The break-even table of ``docs/performance.md``; each source links to its result file."""
     rows = ["| call pattern | compile mode | compile cache | eager ms | compiled ms | first call s | break-even "
             "forecasts per process | source |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     rows += [f"| {s.call_pattern} | {s.mode} | {s.cache} | {s.eager_ms:.1f} | {s.compiled_ms:.1f} | {s.compile_s:.1f} | "
-             f"{_count(s.break_even)} | `{s.source}` ({s.device}, torch {s.torch}, {s.date}) |" for s in SCENARIOS]
+             f"{_count(s.break_even)} | [`{Path(s.source).name}`](../benchmarks/results/{s.source}) "
+             f"({s.device}, torch {s.torch}, {s.date}) |" for s in SCENARIOS]
     return "\n".join(rows)
 
 

@@ -126,7 +126,7 @@ def _selected(ids: tuple[str, ...]) -> list | None:
 
 
 json_option = click.option(JSON_FLAG, "as_json_output", is_flag=True,
-                           help="Print one JSON object on stdout, errors included (schema in README).")
+                           help="Print one JSON object on stdout, errors included (schema in docs/commands.md).")
 patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 
 
@@ -264,8 +264,9 @@ def doctor(where: Where, as_json_output: bool) -> Output:
 
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the throwaway workspace and print where it is.")
-def demo(keep: bool) -> int:
+@click.option("--diff", "show_diff", is_flag=True, help="Show each step's full report and the diffs.")
+def demo(keep: bool, show_diff: bool) -> int:
     """Run apply, status, verify and revert on a throwaway copy of the installed toto-ts."""
     from .demo import run_demo
 
-    return run_demo(click.echo, keep)
+    return run_demo(click.echo, keep, show_diff)

@@ -1,14 +1,17 @@
 """`totopatch demo`: the whole cycle on a throwaway copy of the installed toto-ts."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from . import engine
 from .layout import installed_toto, locate
+from .outcome import Report
 from .patches import PATCHES
 from .render import as_text, error_line
 
@@ -29,10 +32,23 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
             if p.is_file() and ".totopatch" not in p.parts}
 
 
-def run_demo(echo: Callable[[str], None], keep: bool = False) -> int:
+def summary(report: Report) -> str:
+    """One line for a step: how many files ended in each state, in the order they first appear."""
+    counts = Counter(item.state for item in report.items)
+    return ", ".join(f"{n} {state}" for state, n in counts.items()) or "nothing to do"
+
+
+def run_demo(echo: Callable[[str], None], keep: bool = False, diff: bool = False) -> int:
+    """Apply, apply again, status, verify and revert on a throwaway project; 0 when revert restored every byte.
+
+    Paths are shown relative to the throwaway project. ``diff`` prints each step's full report and diffs
+    instead of one line per step.
+    """
     folder = Path(tempfile.mkdtemp(prefix="totopatch-demo-"))
+    cwd = os.getcwd()
     try:
         build_workspace(folder)
+        os.chdir(folder)  # the reports name files relative to the working directory: the demo tree's
         ctx = engine.Context(locate(folder))
         before = _snapshot(folder)
         refs = engine.select(PATCHES, ())
@@ -45,20 +61,26 @@ def run_demo(echo: Callable[[str], None], keep: bool = False) -> int:
             ("revert", lambda: engine.revert(ctx, refs), False),
             ("status", lambda: engine.status(ctx, refs), False),
         ]
-        echo(f"workspace: {folder} (Toto from the installed toto-ts, sample backtest script)")
-        for title, step, diff in steps:
+        echo(f"demo project: {folder} (a copy of the installed toto-ts under toto/, and a sample backtest script)"
+             + ("" if diff else "; --diff shows each step's report and diffs"))
+        width = max(len(title) for title, _, _ in steps)
+        for title, step, with_diff in steps:
             report = step()
-            echo(f"\n$ totopatch {title}\n{as_text(report, diff)}")
+            if diff:
+                echo(f"\n$ totopatch {title}\n{as_text(report, with_diff)}")
+            else:
+                echo(f"$ totopatch {title:<{width}}  {summary(report)}")
             if report.code:
                 echo(f"demo failed at `{title}`: {report.error or 'exit ' + str(int(report.code))}")
                 return int(report.code)
         same = _snapshot(folder) == before
-        echo(f"\nrevert restored every file byte for byte: {'yes' if same else 'NO'}")
+        echo(f"{chr(10) if diff else ''}revert restored every file byte for byte: {'yes' if same else 'NO'}")
         return 0 if same else 1
     except engine.Abort as exc:
         echo(error_line(str(exc)))
         return int(exc.code)
     finally:
+        os.chdir(cwd)
         if keep:
             echo(f"kept {folder}")
         else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run gpu_bench.py with prototype KV-cache designs (cache_designs.py) swapped into the unpatched toto.
 
-This is how the exploration in ``benchmarks/results/EXPLORATION.md`` and ``explore_h200_*`` compared cache
+This is how the exploration in ``benchmarks/results/exploration/README.md`` compared cache
 designs before the ``kv-cache`` patch existed.  Rows are gpu_bench.py's, plus ``design=NAME[+EXTRA...]:MODE``
 (NAME from ``cache_designs.DESIGNS``, EXTRA from ``cache_designs.EXTRAS``)::
 

@@ -48,7 +48,7 @@ def main() -> None:
 
     import_toto(args.toto_parent)
     import torch
-    from backtest_bench import configure_torch, make_series
+    from backtest_worker import configure_torch, make_series
     from toto.data.util.dataset import MaskedTimeseries
 
     cuda = torch.cuda.is_available()
