@@ -865,3 +865,22 @@ def test_the_walk_keeps_no_module_alive(block) -> None:
     del model, back
     gc.collect()
     assert ref() is None
+
+
+def test_a_whole_forecast_graph_that_cannot_be_replayed_is_a_failed_capture(whole, monkeypatch, caplog) -> None:
+    module, run, forecast = whole
+    replay = FakeGraph.replay
+
+    def broken(self) -> None:
+        if self.program is not None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        replay(self)
+
+    monkeypatch.setattr(FakeGraph, "replay", broken)
+    forecaster = module.TotoForecaster(tiny())
+    inputs = series(29)
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        for _ in range(3):
+            assert identical(forecast(forecaster, inputs, False), forecast(forecaster, inputs, True))
+    assert run.failures == 1 and run.captures == 0 and run.eager["a capture failed earlier in this process"] == 2
+    assert [r for r in caplog.records if "illegal memory access" in r.getMessage()]
