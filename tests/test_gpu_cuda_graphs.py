@@ -77,7 +77,7 @@ def test_a_replay_whose_checks_fail_gives_upstreams_error(found) -> None:
     the eager path (upstream's error), and replays resume once the weights are valid again."""
     case = found["patched"]["cases"]["nan_head"]
     assert "error" not in case and case["equal"] == [True, True], case
-    assert case["rechecked"] == 4 and case["delta"]["replays"] == 2, case
+    assert case["rechecked"] == 4 and case["delta"]["replays"] == 4, case  # per sampling: before and after
 
 
 def test_replays_equal_upstream_within_the_shared_prefill_tolerance(found) -> None:
