@@ -173,7 +173,8 @@ def shifted(law: Any) -> Any:
     """
     import torch
 
-    quartiles = torch.quantile(law.sample(8192).double(), torch.tensor([0.25, 0.75], dtype=torch.float64), dim=0)
+    levels = torch.tensor([0.25, 0.75], dtype=torch.float64, device=law.loc.device)
+    quartiles = torch.quantile(law.sample(8192).double(), levels, dim=0)
     law.loc = law.loc + 0.1 * (quartiles[1] - quartiles[0]).to(law.loc.dtype)
     return law
 

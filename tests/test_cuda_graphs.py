@@ -161,17 +161,24 @@ def call(length: int, batch: int = 1, variates: int = 3, seed: int = 1, ids: tor
 
 
 class FakeGraph:
-    """A captured prefill's stand-in: replay re-runs the backbone from the static inputs into the static outputs."""
+    """A captured prefill's stand-in: replay re-runs the backbone (or the captured program) from the static inputs
+    into the static outputs."""
 
-    def __init__(self, backend: FakeBackend, model, inputs: dict, extra: dict, outputs: tuple) -> None:
+    def __init__(self, backend: FakeBackend, model, inputs: dict, extra: dict, outputs: tuple, program=None) -> None:
         self.backend, self.model, self.inputs, self.extra, self.outputs = backend, weakref.ref(model), inputs, extra, outputs
+        self.program = program
         self.pointers = [p.data_ptr() for p in model.parameters()]
+
+    def run(self) -> tuple:
+        model = self.model()
+        return tuple(model.backbone(**self.inputs, **self.extra) if self.program is None else
+                     self.program(self.inputs, self.extra))
 
     def replay(self) -> None:
         model = self.model()
         assert [p.data_ptr() for p in model.parameters()] == self.pointers, "a stale graph was replayed"
         self.backend.replays += 1
-        for static, new in zip(self.outputs, model.backbone(**self.inputs, **self.extra)):
+        for static, new in zip(self.outputs, self.run()):
             static.copy_(new)
 
 
@@ -180,20 +187,23 @@ class FakeBackend:
 
     def __init__(self, block: dict, fail: Exception | None = None) -> None:
         self.block, self.fail = block, fail
-        self.replays = 0
+        self.replays = self.programs = 0
         self.retired: list = []
 
     def refuses(self, device: torch.device) -> str | None:
         return None if device.type == "cpu" else "not on the CPU"
 
-    def capture(self, model, kwargs: dict):
+    def capture(self, model, kwargs: dict, program=None):
         if self.fail is not None:
             raise self.fail
+        self.programs += program is not None
         inputs = {name: kwargs[name].clone() for name in NAMES}
         extra = {k: v for k, v in kwargs.items() if k not in NAMES}
-        outputs = tuple(t.clone() for t in model.backbone(**inputs, **extra))
-        graph = FakeGraph(self, model, inputs, extra, outputs)
-        return self.block["_TotopatchGraph"](model, graph, inputs, outputs, kwargs["inputs"].device)
+        graph = FakeGraph(self, model, inputs, extra, (), program)
+        state = torch.random.get_rng_state()  # a capture records its draws, it does not make them
+        graph.outputs = tuple(t.clone() for t in graph.run())
+        torch.random.set_rng_state(state)
+        return self.block["_TotopatchGraph"](model, graph, inputs, graph.outputs, kwargs["inputs"].device)
 
     def ordered(self, device: torch.device):
         return contextlib.nullcontext()
@@ -497,3 +507,380 @@ def test_a_tree_without_the_fixes_runs_eagerly_without_trying_a_capture(block) -
     finally:
         for module in loaded.values():
             del sys.modules[module.__name__]
+
+
+# ---------------------------------------------------------------- the whole one-step forecast, on CPU
+
+EXACT, SAME_LAW = "exact", "same-law"
+
+
+@pytest.fixture
+def whole(forecaster_module, monkeypatch):
+    """The forecaster module with both runner entries on a CPU fake backend, and a way to forecast graphs on or off."""
+    module = forecaster_module
+    run = module._TotopatchGraphRunner(FakeBackend(vars(module)))
+    monkeypatch.setattr(module, "_totopatch_prefill", run)
+    monkeypatch.setattr(module, "_totopatch_one_step", run.forecast)
+    monkeypatch.setattr(module, "_totopatch_fixed", lambda model: True)
+
+    def forecast(forecaster, inputs, graphs: bool, sampling: str = EXACT, seed: int = 11, samples: int = 64,
+                 per_batch: int = 16, prediction: int = 1):
+        """(samples, mean, the next random numbers) or the error as text."""
+        monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", "1" if graphs else "0")
+        monkeypatch.setenv("TOTOPATCH_SAMPLING", sampling)
+        torch.manual_seed(seed)
+        try:
+            found = forecaster.forecast(inputs, prediction_length=prediction, num_samples=samples,
+                                        samples_per_batch=per_batch)
+        except Exception as exc:  # noqa: BLE001 - the graph path must fail as the eager one does
+            return f"{type(exc).__name__}: {exc}"
+        return found.samples, found.mean, torch.rand(3)
+
+    return module, run, forecast
+
+
+def identical(a, b) -> bool:
+    """Two forecasts' outcomes: the same error, or samples and means equal bit for bit with the same strides, and
+    the same random numbers after them."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return all(x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride() and torch.equal(x, y)
+               for x, y in zip(a, b))
+
+
+def series(length: int, variates: int = 1, batch: int = 1, seed: int = 1, dtype: torch.dtype = torch.float32):
+    from totopatch.smoke import make_series
+
+    walk = make_series(variates, length, "cpu", seed=seed)
+    if batch > 1:
+        walk = type(walk)(*(torch.stack([t] * batch) if isinstance(t, torch.Tensor) else t for t in walk))
+    return walk._replace(series=walk.series.to(dtype) + 10)
+
+
+@pytest.mark.parametrize("sampling", [EXACT, SAME_LAW])
+@pytest.mark.parametrize("variates, batch", [(1, 1), (3, 1), (2, 2)])
+def test_a_whole_forecast_replays_the_eager_paths_samples_bit_for_bit(whole, sampling, variates, batch) -> None:
+    """Captured once per key, proved by one replay, then replayed: each forecast equals the eager path's."""
+    module, run, forecast = whole
+    forecaster = module.TotoForecaster(tiny())
+    for length, seed in ((29, 1), (29, 2), (45, 3), (29, 4), (45, 5), (45, 5)):
+        inputs = series(length, variates, batch)
+        eager = forecast(forecaster, inputs, False, sampling, seed)
+        assert identical(eager, forecast(forecaster, inputs, True, sampling, seed)), length
+    assert not run.refused and run.backend.programs == run.captures == 2
+    assert run.replays == 4 and run.backend.replays == 4 + 2  # and one proving replay per capture
+    assert run.rechecked == 0 and run.failures == 0
+
+
+def test_a_forecast_of_several_steps_is_not_replayed_whole(whole) -> None:
+    module, run, forecast = whole
+    forecaster = module.TotoForecaster(tiny())
+    inputs = series(29, 2)
+    for _ in range(2):
+        assert identical(forecast(forecaster, inputs, False, prediction=9), forecast(forecaster, inputs, True, prediction=9))
+    assert run.backend.programs == 0 and run.eager["multi-step forecast"] == 4  # graphs on and off
+
+
+@pytest.fixture
+def validating():
+    """Distributions validate their arguments (torch's default, which torch.compile's first use turns off)."""
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(True)
+    yield
+    torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+@pytest.mark.parametrize("sampling", [EXACT, SAME_LAW])
+def test_a_replay_whose_checks_fail_runs_eagerly_with_upstreams_error(whole, validating, sampling) -> None:
+    """An id mask upstream refuses, and head outputs its distributions refuse: the eager path's error, never a replay."""
+    from toto.inference.forecaster import TotoForecaster
+
+    module, run, forecast = whole
+    model = tiny()
+    forecaster = module.TotoForecaster(model)
+    good = series(32)
+    for _ in range(2):
+        forecast(forecaster, good, True, sampling)
+    assert (run.captures, run.replays) == (1, 1)
+    ids = good.id_mask.clone()
+    ids[..., 18:] = 1  # a patch that holds two datasets
+    bad = good._replace(id_mask=ids)
+    upstream = forecast(TotoForecaster(model), bad, False)
+    assert upstream == "AssertionError: Patches cannot span multiple datasets"
+    assert forecast(forecaster, bad, True, sampling) == upstream
+    assert run.replays == 1  # (the fake graph re-runs the embedding's check; a CUDA graph reads its flag)
+    with torch.no_grad():
+        model.output_distribution.df.bias[0] = float("nan")
+    upstream = forecast(TotoForecaster(model), good, False)
+    assert upstream.startswith("ValueError: Expected parameter df")
+    rechecked = run.rechecked
+    for _ in range(2):
+        assert forecast(forecaster, good, True, sampling) == upstream
+    assert run.replays == 1 and run.rechecked == rechecked + 2
+    torch.distributions.Distribution.set_default_validate_args(False)  # as under python -O, or after torch.compile
+    upstream, eager = forecast(TotoForecaster(model), good, False), forecast(forecaster, good, False, sampling)
+    assert identical(forecast(forecaster, good, True, sampling), eager)
+    assert isinstance(upstream, str) == isinstance(eager, str)
+    assert run.replays == 1 and run.rechecked == rechecked + 3
+    torch.distributions.Distribution.set_default_validate_args(True)
+    with torch.no_grad():
+        model.output_distribution.df.bias[0] = 0.0
+    assert identical(forecast(forecaster, good, True, sampling), forecast(forecaster, good, False, sampling))
+    assert run.replays == 2
+
+
+def test_a_graph_whose_proving_replay_differs_is_not_kept(whole, monkeypatch) -> None:
+    module, run, forecast = whole
+    program = module._TotopatchForecastProgram.__call__
+
+    def off_by_one_ulp(self, inputs, extra):
+        drawn, ok = program(self, inputs, extra)
+        return torch.nextafter(drawn, drawn + 1), ok
+
+    monkeypatch.setattr(module._TotopatchForecastProgram, "__call__", off_by_one_ulp)
+    forecaster = module.TotoForecaster(tiny())
+    inputs = series(29)
+    for _ in range(3):
+        assert identical(forecast(forecaster, inputs, False), forecast(forecaster, inputs, True))
+    assert run.captures == 1 and run.backend.programs == 1  # refused once: its prefill alone is then replayed
+    assert list(run.refused.values()) == ["its replay did not give the eager path's samples"]
+    assert all(key[0] != "forecast" for key in run.graphs)
+
+
+@torch.no_grad()
+def test_what_is_not_replayed_whole_and_why(whole, monkeypatch) -> None:
+    module, run, forecast = whole
+    checked = module._totopatch_tail_checked
+
+    def refusal(model, inputs, sampling=EXACT, **call):
+        keys = set(run.refused)
+        forecast(module.TotoForecaster(model), inputs, True, sampling, **call)
+        new = [run.refused[k] for k in run.refused if k not in keys]
+        return new[0] if new else None
+
+    assert refusal(tiny().double(), series(29, dtype=torch.float64)) is None  # float64 is replayed whole
+    half = call(29, dtype=torch.bfloat16)  # (CPU torch cannot draw bf16 gammas: asked directly)
+    assert module._totopatch_forecast_refuses(tiny().bfloat16(), EXACT, half, (64, 16, 1)) == \
+        "not a float32 or float64 model and input"
+    assert module._totopatch_forecast_refuses(tiny(), EXACT, {**call(29), "inputs": call(29)["inputs"].bfloat16()},
+                                              (64, 16, 1)) == "not a float32 or float64 model and input"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module._totopatch_forecast_refuses(tiny(), EXACT, call(29), (64, 16, 1)) == "autocast"
+    assert refusal(tiny(), series(33), SAME_LAW, samples=1, per_batch=1) == "a same-law draw of one sample"
+    other = tiny()
+    other.output_distribution = type(other.output_distribution)(other.embed_dim, 3)  # a head of 3, fine
+    assert refusal(other.eval(), series(37)) is None
+    from toto.model.distribution import StudentTOutput
+
+    single = tiny()
+    single.output_distribution = StudentTOutput(single.embed_dim).eval()
+    assert refusal(single, series(41)) == "an output head not known here"  # one Student-T: sampled eagerly
+    monkeypatch.setattr(module, "_totopatch_tile_distribution", lambda *a: None)
+    assert refusal(tiny(), series(45)) == "upstream's code ran it"
+    monkeypatch.undo()
+    monkeypatch.setattr(module, "_totopatch_prefill", run)
+    monkeypatch.setattr(module, "_totopatch_one_step", run.forecast)
+    monkeypatch.setattr(module, "_totopatch_fixed", lambda model: True)
+    for key in list(checked):
+        monkeypatch.setitem(checked, key, False)
+    assert refusal(tiny(), series(49)) == "the kept-steps sampler is not proved on this device and dtype"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_recorded_head_gives_the_tensors_of_the_distribution_it_builds(forecaster_module, dtype) -> None:
+    module = forecaster_module
+    model = tiny().to(dtype)
+    features = torch.randn(2, 3, 8, model.embed_dim, dtype=dtype)
+    probs, df, loc, scale, kind = module._totopatch_head_parts(module._totopatch_recorded_head(model.output_distribution,
+                                                                                               features))
+    built = model.output_distribution(features)
+    assert kind is type(built.component_distribution)
+    for found, expected in ((probs, built.mixture_distribution.probs), (df, built.component_distribution.df),
+                            (loc, built.component_distribution.loc), (scale, built.component_distribution.scale)):
+        assert found.dtype == expected.dtype and torch.equal(found, expected)
+    assert module._totopatch_head_agrees(model, dtype, torch.device("cpu")) == probs.shape[-1]
+    from toto.model.distribution import StudentTOutput
+
+    single = StudentTOutput(model.embed_dim).to(dtype)
+    assert module._totopatch_head_parts(module._totopatch_recorded_head(single, features)) is None
+    assert module._totopatch_head_parts(None) is None
+
+
+def validated(probs, df, loc, scale) -> bool:
+    """Whether upstream's head distributions, built with validation, and torch.multinomial accept these values."""
+    from gluonts.torch.distributions.studentT import StudentT
+
+    dists = torch.distributions
+    try:
+        mixture = dists.Categorical(probs=probs, validate_args=True)
+        dists.MixtureSameFamily(mixture, StudentT(df, loc, scale, validate_args=True), validate_args=True)
+        dists.Chi2(df, validate_args=True)
+        torch.multinomial(mixture.probs.reshape(-1, probs.shape[-1]), 1, True)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+SPECIAL = st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -1.0, -1e-30, 1e-45, 3e38])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), where=st.sampled_from(["probs", "df", "loc", "scale", "ids", None]))
+def test_the_checks_flag_passes_only_what_upstream_accepts(forecaster_module, data, where) -> None:
+    """Property: where the device flag of a forecast graph says valid, upstream's checks all pass."""
+    module = forecaster_module
+    model = tiny()
+    shape = (1, 2, 8, 3)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    raw = {"probs": torch.rand(shape, generator=generator) + 0.01, "df": 2 + torch.rand(shape, generator=generator),
+           "loc": torch.randn(shape, generator=generator), "scale": torch.rand(shape, generator=generator) + 0.1}
+    ids = torch.zeros(1, 2, 8, dtype=torch.int)
+    if where == "ids":
+        ids[..., data.draw(st.integers(1, 7)):] = 1
+    elif where is not None:
+        raw[where].view(-1)[data.draw(st.integers(0, raw[where].numel() - 1))] = data.draw(SPECIAL)
+    probs = raw["probs"] / raw["probs"].sum(-1, keepdim=True)
+    flag = bool(module._totopatch_forecast_checks(model, ids, probs, raw["df"], raw["loc"], raw["scale"]))
+    patches = ids.unfold(-1, 4, 4)
+    ids_ok = bool(torch.eq(patches.min(-1).values, patches.max(-1).values).all())
+    if flag:
+        assert ids_ok and validated(raw["probs"], raw["df"], raw["loc"], raw["scale"])
+    if where is None:
+        assert flag
+
+
+@torch.no_grad()
+def test_a_tiled_categoricals_kept_draw_is_its_full_draw_kept(forecaster_module) -> None:
+    module = forecaster_module
+    for batch, keep in ((1, 4), (2, 1), (3, 8)):
+        probs = torch.softmax(3 * torch.randn(batch, 2, 8, 5), dim=-1)
+        tiled = module._TotopatchTiledCategorical(probs, 6, module._totopatch_tile_view)
+        torch.manual_seed(batch)
+        full = tiled.sample()[:, :, -keep:]
+        after = torch.rand(2)
+        torch.manual_seed(batch)
+        kept = module._totopatch_kept_argmax(tiled.probs, keep)
+        assert torch.equal(kept, full) and torch.equal(torch.rand(2), after)  # the same draws, no more
+
+
+def test_the_kept_steps_check_fails_where_the_tiled_draw_differs(forecaster_module, monkeypatch) -> None:
+    from gluonts.torch.distributions.studentT import StudentT
+
+    module = forecaster_module
+    shape = module.TotoForecaster.create_affine_transformed
+    cpu = torch.device("cpu")
+    kind = type(module._totopatch_probe_mixture(shape, StudentT, cpu, torch.float32))
+    assert module._totopatch_tail_agrees(shape, kind, StudentT, cpu, torch.float32) is True
+    argmax = module._totopatch_kept_argmax
+    monkeypatch.setattr(module, "_totopatch_kept_argmax", lambda probs, keep: argmax(probs.flip(-1), keep))
+    assert module._totopatch_tail_agrees(shape, kind, StudentT, cpu, torch.float32) is False
+
+
+# ---------------------------------------------------------------- the model walk behind every key
+
+
+def full_walk(model) -> tuple | None:
+    """The graph state as a walk of the whole module tree computes it, with nothing kept between calls."""
+    modules, state, stack = [], [], [model]
+    while stack:
+        found = stack.pop().__dict__
+        if found["training"] or found["_forward_hooks"] or found["_forward_pre_hooks"] or "forward" in found \
+                or "backbone" in found or found.get("_compiled_call_impl") is not None:
+            return None
+        modules.append(found)
+        stack.extend(m for m in found["_modules"].values() if m is not None)
+    for kind in ("_parameters", "_buffers"):
+        state.extend(t.data_ptr() for found in modules for t in found[kind].values() if t is not None)
+    return tuple(state)
+
+
+MUTATIONS = ["train", "eval", "hook", "unhook", "pre_hook", "replace_module", "assign", "in_place", "double", "float",
+             "own_forward", "del_forward", "compile_layer", "buffer", "none_bias", "gc"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10_000)), min_size=1, max_size=12))
+def test_the_kept_walk_gives_what_a_full_walk_gives_after_any_change(block, steps) -> None:
+    """Stateful property: whatever is done to the model between keys, the state read through the kept walk
+    equals a walk of the whole tree made afresh."""
+    import gc
+
+    state = block["_totopatch_graph_state"]
+    model = tiny()
+    handles: list = []
+    assert state(model) == full_walk(model)
+    for action, pick in steps:
+        modules = list(model.modules())
+        module = modules[pick % len(modules)]
+        if action in ("train", "eval"):
+            module.train(action == "train")
+        elif action == "hook":
+            handles.append(module.register_forward_hook(lambda *a: None))
+        elif action == "pre_hook":
+            handles.append(module.register_forward_pre_hook(lambda *a: None))
+        elif action == "unhook" and handles:
+            handles.pop(pick % len(handles)).remove()
+        elif action == "replace_module":
+            named = [(m, name) for m in modules for name in m._modules]
+            if named:
+                parent, name = named[pick % len(named)]
+                setattr(parent, name, torch.nn.Linear(2, 2))
+        elif action == "assign":
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        elif action == "in_place":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0)
+        elif action in ("double", "float"):
+            getattr(model, action)()
+        elif action == "own_forward":
+            module.forward = lambda *a, **k: None
+        elif action == "del_forward" and "forward" in module.__dict__:
+            del module.forward
+        elif action == "compile_layer":
+            module._compiled_call_impl = lambda *a, **k: None
+        elif action == "buffer":
+            module.register_buffer(f"extra{pick}", torch.zeros(2))
+        elif action == "none_bias" and isinstance(module, torch.nn.Linear):
+            module.bias = None
+        elif action == "gc":
+            gc.collect()
+        assert state(model) == full_walk(model), action
+
+
+def test_the_walk_keeps_no_module_alive(block) -> None:
+    import gc
+
+    model = tiny()
+
+    class Back(torch.nn.Module):  # a submodule that refers back to the model: a cycle
+        pass
+
+    back = Back()
+    object.__setattr__(back, "owner", model)
+    model.back = back
+    block["_totopatch_graph_state"](model.eval())
+    ref = weakref.ref(model)
+    del model, back
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_whole_forecast_graph_that_cannot_be_replayed_is_a_failed_capture(whole, monkeypatch, caplog) -> None:
+    module, run, forecast = whole
+    replay = FakeGraph.replay
+
+    def broken(self) -> None:
+        if self.program is not None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        replay(self)
+
+    monkeypatch.setattr(FakeGraph, "replay", broken)
+    forecaster = module.TotoForecaster(tiny())
+    inputs = series(29)
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        for _ in range(3):
+            assert identical(forecast(forecaster, inputs, False), forecast(forecaster, inputs, True))
+    assert run.failures == 1 and run.captures == 0 and run.eager["a capture failed earlier in this process"] == 2
+    assert [r for r in caplog.records if "illegal memory access" in r.getMessage()]

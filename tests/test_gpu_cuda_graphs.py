@@ -50,10 +50,34 @@ def found(tmp_path_factory) -> dict:
 
 
 def test_replays_equal_the_eager_path_bit_for_bit(found) -> None:
+    """Samples, their mean and the generator's next numbers; each forecast replayed whole (none refused)."""
     cases = found["patched"]["cases"]
     replay = cases["replay"]
     assert all(replay[k] == [True, True] for k in replay if k.isdigit()), replay
     assert replay["delta"] == {"captures": 4, "replays": 4, "failures": 0}
+    assert replay["refused"] == [] and replay["rechecked"] == 0, replay
+
+
+def test_same_law_replays_equal_the_eager_same_law_path_bit_for_bit(found) -> None:
+    case = found["patched"]["cases"]["same_law"]
+    assert all(case[k] == [True, True] for k in case if k.isdigit()), case
+    assert case["delta"] == {"captures": 4, "replays": 4, "failures": 0}
+    assert case["refused"] == [] and case["rechecked"] == 0, case
+
+
+def test_the_kept_patch_draws_equal_the_full_draws_on_cuda(found) -> None:
+    """The exact sampler's comparison of the kept patch alone, and the Student-T draw written for graphs."""
+    case = found["patched"]["cases"]["kept_draws"]
+    assert {k: v for k, v in case.items() if k not in ("delta", "eager_delta", "rechecked", "refused")} == \
+        {"argmax_1x2240": True, "argmax_2x96": True, "student": True}, case
+
+
+def test_a_replay_whose_checks_fail_gives_upstreams_error(found) -> None:
+    """Head outputs upstream's validation refuses, after the graphs were captured: the flag sends each forecast to
+    the eager path (upstream's error), and replays resume once the weights are valid again."""
+    case = found["patched"]["cases"]["nan_head"]
+    assert "error" not in case and case["equal"] == [True, True], case
+    assert case["rechecked"] == 4 and case["delta"]["replays"] == 4, case  # per sampling: before and after
 
 
 def test_replays_equal_upstream_within_the_shared_prefill_tolerance(found) -> None:
@@ -74,7 +98,7 @@ def test_bad_inputs_give_upstream_errors_and_are_never_replayed(found) -> None:
     cases = found["patched"]["cases"]
     bad = cases["bad_id_mask"]
     assert bad["good"] and bad["graphs"] == bad["eager"] == ID_MASK
-    assert bad["bad_replays"] == 0
+    assert bad["bad_replays"] == 0 and bad["rechecked"] == 1  # the graph's flag, then upstream's check
     assert cases["bad_padding"]["graphs"] == cases["bad_padding"]["eager"]
     assert cases["nan"]["equal"] == [True, True]
 
@@ -83,7 +107,8 @@ def test_bad_inputs_give_upstream_errors_and_are_never_replayed(found) -> None:
 def test_never_a_stale_graph(found, name: str) -> None:
     case = found["patched"]["cases"][name]
     assert "error" not in case, case
-    assert all(v is True or v == [True, True] for k, v in case.items() if k not in ("delta", "eager_delta")), case
+    assert all(v is True or v == [True, True] for k, v in case.items()
+               if k not in ("delta", "eager_delta", "rechecked", "refused")), case
 
 
 def test_what_each_stale_case_does(found) -> None:

@@ -314,6 +314,22 @@ def test_later_steps_draw_only_the_kept_patch_and_chains_decode_the_draws_they_r
     assert torch.equal(found[:, :, :4], first)  # the draws each chain decodes from are its reported first step
 
 
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_student_t_draw_is_torchs_draw_bit_for_bit(patched, shape, seed, dtype) -> None:
+    """The draw written without building ``StudentT`` (so that a CUDA graph can hold it): torch's random numbers
+    and arithmetic, the same values for a seed, and the generator left where torch's draw leaves it."""
+    generator = torch.Generator().manual_seed(seed)
+    df = (0.5 + 10 * torch.rand(shape, generator=generator)).to(dtype)
+    loc, scale = torch.randn(shape, generator=generator).to(dtype), (0.1 + torch.rand(shape, generator=generator)).to(dtype)
+    torch.manual_seed(seed)
+    expected, after = torch.distributions.StudentT(df, loc, scale, validate_args=False).sample(), torch.rand(2)
+    torch.manual_seed(seed)
+    found = patched._totopatch_student(df, loc, scale)
+    assert found.dtype == expected.dtype and torch.equal(found, expected) and torch.equal(torch.rand(2), after)
+
+
 def test_an_unknown_distribution_samples_exactly(patched) -> None:
     normal = torch.distributions.Normal(torch.zeros(1, 1, 8), 1.0)
     assert patched._TotopatchKeptLaw.of(normal, 4) is None
