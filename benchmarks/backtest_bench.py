@@ -25,7 +25,9 @@ Rows: ``VARIANT:MODE[+OPTION...]``.  VARIANT is a key of ``VARIANTS``: ``unpatch
 ``python -m totopatch --root COPY apply``, or ``--patched-parent``).  MODE is a key of
 ``backtest_worker.MODES``: ``eager`` or a torch.compile mode.  Adding a row kind is one entry in either table
 (``docs/design.md`` says how).
-OPTIONs: ``dynamic=auto|true|false|mark`` (auto: torch's default; true/false: ``torch.compile(dynamic=...)``;
+MODE ``graphs`` runs eager with the ``cuda-graphs`` patch's replays on; every other row runs with them off
+(``TOTOPATCH_CUDA_GRAPHS=0``).  OPTIONs: ``sampling=exact|same-law`` (``TOTOPATCH_SAMPLING`` of the row's
+process; exact when not given), ``dynamic=auto|true|false|mark`` (auto: torch's default; true/false: ``torch.compile(dynamic=...)``;
 mark: ``torch._dynamo.maybe_mark_dynamic`` on the time dimension of every tensor the compiled backbone
 receives, before each call), ``regional`` (compile each transformer layer with ``Module.compile`` instead of
 the whole backbone).  Each (scenario, row) runs in its own process with a fresh
@@ -100,31 +102,46 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
 DEFAULT_ROWS = ("unpatched:eager", "unpatched:default", "unpatched:reduce-overhead",
                 "patched:eager", "patched:default", "patched:reduce-overhead")
 DYNAMIC_CHOICES = ("auto", "true", "false", "mark")
+SAMPLING_CHOICES = ("exact", "same-law")  # TOTOPATCH_SAMPLING of the row's process (patched rows)
+EAGER_MODES = ("eager", "graphs")  # graphs: eager, with the cuda-graphs patch's replays on (off in eager rows)
 
 
 def parse_row(text: str, args: argparse.Namespace) -> dict:
-    """``VARIANT:MODE[+dynamic=X][+regional]`` -> the row's spec fragment."""
+    """``VARIANT:MODE[+dynamic=X][+regional][+sampling=S]`` -> the row's spec fragment."""
     head, *opts = text.strip().split("+")
     variant, _, mode = head.partition(":")
     if variant not in VARIANTS or mode not in MODES:
         raise SystemExit(f"row {text!r}: want VARIANT:MODE[+dynamic=X][+regional], VARIANT one of "
                          f"{', '.join(VARIANTS)}, MODE one of {', '.join(MODES)}")
     options: dict[str, Any] = {"dynamic": args.dynamic, "regional": args.regional}
+    sampling = None
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key == "dynamic" and value in DYNAMIC_CHOICES:
+        if key == "sampling" and value in SAMPLING_CHOICES:
+            sampling = value
+        elif key == "dynamic" and value in DYNAMIC_CHOICES:
             options["dynamic"] = value
         elif key == "regional" and not value:
             options["regional"] = True
         else:
-            raise SystemExit(f"row {text!r}: unknown option {opt!r} (dynamic={'|'.join(DYNAMIC_CHOICES)}, regional)")
+            raise SystemExit(f"row {text!r}: unknown option {opt!r} (dynamic={'|'.join(DYNAMIC_CHOICES)}, regional, "
+                             f"sampling={'|'.join(SAMPLING_CHOICES)})")
     if options["regional"] and options["dynamic"] == "mark":
         raise SystemExit(f"row {text!r}: dynamic=mark applies to the whole-backbone compile, not with regional")
-    if mode == "eager":
+    if mode in EAGER_MODES:
         options = {"dynamic": None, "regional": False}
-    if args.backend and mode != "eager":
+    if args.backend and mode not in EAGER_MODES:
         options["backend"] = args.backend
+    if sampling is not None:
+        options["sampling"] = sampling
     return {"variant": variant, "mode": mode, "cache": "fresh", "options": options}
+
+
+def row_environment(spec: dict) -> dict[str, str]:
+    """The totopatch run-time switches of a row: CUDA graphs only in ``graphs`` rows, the sampling it names."""
+    env = {"TOTOPATCH_CUDA_GRAPHS": "1" if spec["mode"] == "graphs" else "0"}
+    env["TOTOPATCH_SAMPLING"] = spec["options"].get("sampling") or "exact"
+    return env
 
 
 def expand_rows(args: argparse.Namespace) -> list[dict]:
@@ -138,7 +155,7 @@ def expand_rows(args: argparse.Namespace) -> list[dict]:
     out = []
     for r in rows:
         out.append(r)
-        if r["mode"] == "eager" or not args.warm:
+        if r["mode"] in EAGER_MODES or not args.warm:
             continue
         sources = ("cache-dir", "artifacts") if args.warm == "both" else \
             (("cache-dir",) if args.warm == "dir" else ("artifacts",))
@@ -157,6 +174,8 @@ def row_tag(spec: dict, index: int) -> str:
         bits.append(f"dyn-{opts['dynamic']}")
     if opts.get("regional"):
         bits.append("regional")
+    if opts.get("sampling"):
+        bits.append(opts["sampling"])
     if opts.get("warm_from"):
         bits.append(opts["warm_from"])
     return f"{index:02d}_" + "_".join(bits)
@@ -171,7 +190,7 @@ def run_worker(spec: dict, log_path: Path, timeout: float) -> dict:
     spec["result"] = str(work / f"{spec['tag']}.result.json")
     spec["time_limit_s"] = max(timeout - 5, 1)
     spec_path.write_text(json.dumps(spec))
-    env = child_env(compile_cache_env(Path(spec["cache_root"])))
+    env = child_env({**compile_cache_env(Path(spec["cache_root"])), **row_environment(spec)})
     rc, wall = run_process([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
                            log_path, timeout, env)
     result_path = Path(spec["result"])

@@ -15,6 +15,8 @@ def label(row: dict) -> str:
         extra.append(f"dynamic={opts['dynamic']}")
     if opts.get("regional"):
         extra.append("regional")
+    if opts.get("sampling") and opts["sampling"] != "exact":
+        extra.append(opts["sampling"])
     if row.get("cache") == "warm":
         extra.append(f"warm:{opts.get('warm_from')}")
     return f"{row['variant']} / {row['mode']}" + (f" ({', '.join(extra)})" if extra else "")

@@ -122,10 +122,23 @@ def compiled(torch: Any, backbone: Any, spec: dict) -> Any:
     return compiled
 
 
+def graph_counts(forecaster_module: Any) -> dict | None:
+    """What the cuda-graphs patch's runner did in this process (captures, replays, failures, whole-forecast
+    graphs kept), or None where the tree has no such runner (unpatched, or the patch not applied)."""
+    runner = getattr(forecaster_module, "_totopatch_graphs", None)
+    if runner is None:
+        return None
+    graphs = getattr(runner, "graphs", {})
+    return {"captures": getattr(runner, "captures", None), "replays": getattr(runner, "replays", None),
+            "failures": getattr(runner, "failures", None), "kept": len(graphs),
+            "whole": sum(1 for key in graphs if isinstance(key, tuple) and key and key[0] == "forecast")}
+
+
 BuildFn = Callable[[Any, Any, dict], Any]
 # mode -> how the row runs the backbone; every torch.compile mode compiles the same way
 MODES: dict[str, BuildFn] = {
     "eager": eager,
+    "graphs": eager,  # the row's process sets TOTOPATCH_CUDA_GRAPHS=1; the patched forecaster replays graphs
     "default": compiled,
     "reduce-overhead": compiled,
     "max-autotune": compiled,
@@ -286,6 +299,7 @@ class Worker:
                 self.row["recompiles_warm"] = dlog.recompiles - self.row["recompiles_cold"]
                 self.flush("warm")
 
+        self.row["graphs"] = graph_counts(sys.modules.get("toto.inference.forecaster"))
         if spec.get("save_artifacts"):
             saved = torch.compiler.save_cache_artifacts()
             if saved is None:

@@ -71,9 +71,27 @@ def test_rows_name_a_known_variant_and_mode_and_the_reference_runs_first() -> No
         ("unpatched", "eager", "fresh"), ("patched", "reduce-overhead", "fresh"), ("patched", "reduce-overhead", "warm"),
         ("patched", "eager", "fresh")]
     assert rows[1]["options"]["dynamic"] == "mark" and rows[2]["options"]["warm_from"] == "cache-dir"
-    for bad in ("patched:graphs", "patched-samelaw:eager", "patched"):
+    for bad in ("patched:cudagraphs", "patched-samelaw:eager", "patched"):
         with pytest.raises(SystemExit, match="VARIANT one of unpatched, patched, MODE one of eager"):
             bb.parse_row(bad, args)
+    with pytest.raises(SystemExit, match="unknown option 'sampling=fast'"):
+        bb.parse_row("patched:eager+sampling=fast", args)
+
+
+def test_graphs_rows_turn_the_replays_on_and_every_other_row_off_and_sampling_is_the_rows() -> None:
+    bb = bench()
+    args = bb.arguments([])
+    envs = {text: bb.row_environment(bb.parse_row(text, args)) for text in (
+        "unpatched:eager", "patched:eager", "patched:graphs", "patched:graphs+sampling=same-law",
+        "patched:reduce-overhead+sampling=same-law")}
+    assert envs == {
+        "unpatched:eager": {"TOTOPATCH_CUDA_GRAPHS": "0", "TOTOPATCH_SAMPLING": "exact"},
+        "patched:eager": {"TOTOPATCH_CUDA_GRAPHS": "0", "TOTOPATCH_SAMPLING": "exact"},
+        "patched:graphs": {"TOTOPATCH_CUDA_GRAPHS": "1", "TOTOPATCH_SAMPLING": "exact"},
+        "patched:graphs+sampling=same-law": {"TOTOPATCH_CUDA_GRAPHS": "1", "TOTOPATCH_SAMPLING": "same-law"},
+        "patched:reduce-overhead+sampling=same-law": {"TOTOPATCH_CUDA_GRAPHS": "0", "TOTOPATCH_SAMPLING": "same-law"},
+    }
+    assert bb.parse_row("patched:graphs+sampling=same-law", args)["options"]["sampling"] == "same-law"
 
 
 def test_a_failing_row_is_recorded_with_its_error(tmp_path: Path) -> None:
