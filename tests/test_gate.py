@@ -241,3 +241,17 @@ def test_a_stacked_patch_whose_backup_is_gone_is_recorded_as_found_under_the_oth
     spacewise = by_id("spacewise-mask").load()
     original = (installed_toto_package() / "model" / "transformer.py").read_text()
     assert (root / "toto" / "model" / "transformer.py").read_text() == spacewise.rewrite(original, {}).source
+
+
+def test_a_stale_records_backup_that_a_lower_patch_takes_as_its_original_is_not_removed(project: Path, cli) -> None:
+    """Found by the property: layer-region applied alone, the file reinstalled, then spacewise-mask with it. Both
+    originals are the same bytes in the same ``.backup`` file; dropping the stale record must not delete it."""
+    transformer = project / project_file("transformer")
+    original = transformer.read_bytes()
+    assert cli(project, "apply", "layer-region").exit_code == 0
+    transformer.write_bytes(original)  # reinstalled
+    ran = cli(project, "apply", "spacewise-mask", "layer-region")
+    assert ran.exit_code == 0 and "dropped the stale record" in ran.stdout, ran.stdout + ran.stderr
+    assert cli(project, "verify", "spacewise-mask", "layer-region").exit_code == 0
+    assert cli(project, "revert").exit_code == 0
+    assert transformer.read_bytes() == original and not Path(f"{transformer}.backup").exists()
