@@ -43,6 +43,7 @@ def test_every_release_patches_and_reverts(tmp_path, cli, version) -> None:
     assert cli(root, "status", *TOTO_PATCHES, "--check").exit_code == 0
     assert cli(root, "verify", *TOTO_PATCHES).exit_code == 0
     again = cli(root, "apply", *TOTO_PATCHES)
-    assert again.exit_code == 0 and {k: v[0] for k, v in snapshot(root).items()} == {k: v[0] for k, v in patched.items()}
+    assert again.exit_code == 0
+    assert {k: v[0] for k, v in snapshot(root).items()} == {k: v[0] for k, v in patched.items()}
     assert cli(root, "revert").exit_code == 0
     assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}

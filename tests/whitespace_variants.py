@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASES = ("0.1.3", "0.1.4", "0.2.0")
 # each Toto target's path inside the toto package, from the layout every command uses
-FILES = {key: spec.path.removeprefix("toto/") for key, spec in TARGETS.items() if spec.base == "toto" and not spec.optional}
+FILES = {key: spec.path.removeprefix("toto/") for key, spec in TARGETS.items()
+         if spec.base == "toto" and not spec.optional}
 
 PREFIXES = ("\f", " \f", "\t\f", "    \f", "\f\f")  # before the indentation: the column restarts after a form feed
 TRAILING = (" ", "\t", "\f", " \f\t ")
