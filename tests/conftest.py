@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from totopatch.cli import main
-from totopatch.layout import installed_toto
+from totopatch.layout import TARGETS, installed_toto
 
 SAMPLE_BACKTEST = resources.files("totopatch").joinpath("data/sample_backtest.py.txt").read_bytes()
 
@@ -23,6 +23,18 @@ def installed_toto_package() -> Path:
     parent = installed_toto()
     assert parent is not None, "toto-ts must be installed: pip install --no-deps toto-ts"
     return parent / "toto"
+
+
+def project_file(key: str) -> str:
+    """Where target ``key`` lies in the ``project`` fixture, relative to its root (the layout's own paths)."""
+    spec = TARGETS[key]
+    return f"toto/{spec.path}" if spec.base == "toto" else spec.path
+
+
+def upstream_bytes(key: str) -> bytes:
+    """Target ``key`` as the ``project`` fixture starts with it: the installed toto-ts file, or the sample backtest."""
+    spec = TARGETS[key]
+    return SAMPLE_BACKTEST if spec.base == "root" else (installed_toto_package().parent / spec.path).read_bytes()
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import Phase, assume, given, note, settings, strategies as st
 from hypothesis.control import currently_in_test_context
 
-from conftest import SAMPLE_BACKTEST, installed_toto_package
+from conftest import SAMPLE_BACKTEST, installed_toto_package, project_file
 from totopatch import engine
 from totopatch.merge import three_way
-from totopatch.patches import by_id
+from totopatch.patches import PATCHES, beneath, by_id
 from totopatch.state import open_context
 
 MARK = "# user note"
@@ -34,14 +34,8 @@ class Case:
     file: str  # relative to the project root
 
 
-CASES = {
-    "kv-cache": Case(("kv-cache",), "toto/toto/model/util.py"),
-    "sdpa-causal": Case(("sdpa-causal",), "toto/toto/model/attention.py"),
-    "spacewise-mask": Case(("spacewise-mask",), "toto/toto/model/transformer.py"),
-    "layer-region": Case(("spacewise-mask", "layer-region"), "toto/toto/model/transformer.py"),
-    "shared-prefill": Case(("shared-prefill",), "toto/toto/inference/forecaster.py"),
-    "compile-mode": Case(("compile-mode",), "backtest_test3_inline.py"),
-}
+# every registered patch, on its first target, over the patches it stacks on in that file
+CASES = {ref.id: Case(tuple(p.id for p in beneath(ref)) + (ref.id,), project_file(ref.targets[0])) for ref in PATCHES}
 
 
 def _project(root: Path) -> Path:

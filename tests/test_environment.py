@@ -6,11 +6,18 @@ import pytest
 
 from totopatch import environment
 from totopatch.environment import VARIABLES, read
-from totopatch.patches import PATCHES
+from totopatch.patches import PATCHES, by_id
 
 ALL = {p.id: {} for p in PATCHES if p.default} | {"compile-mode": {"compile_mode": "reduce-overhead"}}  # what a plain apply applies
-COMPILED_ONLY = "sdpa-causal, spacewise-mask and compile-mode have no effect at run time"
-EAGER = "kv-cache, scaler-constant, id-mask-check, shared-prefill and cuda-graphs do"
+
+
+def _listed(ids: list[str]) -> str:
+    return ids[0] if len(ids) == 1 else f"{', '.join(ids[:-1])} and {ids[-1]}"
+
+
+# what the note says of a plain apply's patches, in the registry's order
+COMPILED_ONLY = f"{_listed([p for p in ALL if by_id(p).compiled_only])} have no effect at run time"
+EAGER = f"{_listed([p for p in ALL if not by_id(p).compiled_only])} do"
 
 
 @pytest.fixture(autouse=True)

@@ -125,6 +125,21 @@ def test_a_cr_only_backtest_keeps_its_blank_lines(project: Path, cli) -> None:
     assert _bytes_and_modes(project) == before
 
 
+def test_a_lone_cr_ending_the_shared_prefill_block_stays_its_own_line_under_cuda_graphs() -> None:
+    """Found by the sweep: the block's first blank line after a lone CR made one CRLF of the two."""
+    from totopatch.patches import cuda_graphs, shared_prefill
+    from totopatch.patches._cst import split_lines, template_text
+
+    below = shared_prefill.rewrite((installed_toto_package() / FILES["forecaster"]).read_text(), {}).source
+    end = below.index("\n", below.index(shared_prefill.END))
+    marked = below[:end] + "\r" + below[end + 1:]
+    new = cuda_graphs.rewrite(marked, {}).source
+    added = 2 + len(split_lines(template_text("cuda_graphs_template.py.txt")))
+    assert new.startswith(marked[:end + 1]) and new.endswith(marked[end + 1:])
+    assert len(split_lines(new)) == len(split_lines(marked)) + added
+    assert cuda_graphs.rewrite(new, {}).source == new
+
+
 # ---------------------------------------------------------------- whole files through the CLI: apply, revert
 
 

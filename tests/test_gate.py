@@ -1,17 +1,21 @@
 """Every state that `apply` reports as done (exit 0) passes the gate: `status --check`, `verify` and the hook."""
 from __future__ import annotations
 
+import difflib
+import io
 import json
+import keyword
 import shutil
 import tempfile
+import tokenize
 from pathlib import Path
 
 import pytest
 from hypothesis import Phase, given, settings, strategies as st
 
-from conftest import SAMPLE_BACKTEST, installed_toto_package
+from conftest import SAMPLE_BACKTEST, installed_toto_package, project_file, upstream_bytes
 from totopatch import engine
-from totopatch.patches import by_id
+from totopatch.patches import PATCHES, beneath, by_id
 from totopatch.state import open_context
 
 CM = "compile-mode"
@@ -88,15 +92,42 @@ def test_a_drifted_stack_is_re_recorded_together(tmp_path: Path, cli) -> None:
 
 # ---------------------------------------------------------------- the kind, as a property
 
-PATCHES = (CM, "sdpa-causal")
-FILES = {CM: "backtest_test3_inline.py", "sdpa-causal": "toto/toto/model/attention.py"}
+
+def _edited_written_line(below: str, patched: str, how: str) -> tuple[str, str]:
+    """The last line the patch wrote (``patched`` against ``below``) that a line break token ends and that holds an
+    operator, and the same line edited: a comment after it, a space after its first operator, or its last
+    string (else its first name) changed."""
+    lines = patched.splitlines(keepends=True)
+    written = {j for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, below.splitlines(keepends=True), lines,
+                                                                   autojunk=False).get_opcodes()
+               if tag != "equal" for j in range(j1, j2)}
+    tokens = list(tokenize.generate_tokens(io.StringIO(patched).readline))
+    on = {i: [t for t in tokens if t.start[0] - 1 == i == t.end[0] - 1] for i in written}
+    at = max(i for i in written if {tokenize.OP, tokenize.NL} <= {t.type for t in on[i]}
+             or {tokenize.OP, tokenize.NEWLINE} <= {t.type for t in on[i]})
+    line = lines[at]
+    if how == "beside":
+        body = line.rstrip("\r\n")
+        return line, body + "  # mine" + line[len(body):]
+    if how == "spacing":
+        token = next(t for t in on[at] if t.type == tokenize.OP)
+        return line, line[:token.end[1]] + " " + line[token.end[1]:]
+    strings = [t for t in on[at] if t.type == tokenize.STRING]
+    token = strings[-1] if strings else next(t for t in on[at] if t.type == tokenize.NAME
+                                             and not keyword.iskeyword(t.string))
+    cut = token.start[1] + (token.string.index(token.string[-1]) + 1 if strings else len(token.string))
+    return line, line[:cut] + "x" + line[cut:]
 
 
 def _perturb(root: Path, step: str, patch: str) -> None:
     """One thing a user, a crash or an install does to a project."""
-    path = root / FILES[patch]
     ref = by_id(patch)
-    original = SAMPLE_BACKTEST if patch == CM else (installed_toto_package() / "model" / "attention.py").read_bytes()
+    key = ref.targets[0]
+    path = root / project_file(key)
+    original = upstream_bytes(key)
+    below = original.decode()
+    for lower in beneath(ref):
+        below = lower.load().rewrite(below, lower.options).source
     ctx = open_context(root)
     if step == "apply":
         engine.apply(ctx, [ref])
@@ -104,14 +135,9 @@ def _perturb(root: Path, step: str, patch: str) -> None:
         engine.revert(ctx, [ref])
     elif step == "edit-outside":
         path.write_bytes(path.read_bytes() + b"\n\ndef added_later():\n    return 1\n")
-    elif step == "edit-beside":
-        data = path.read_bytes()
-        marker = b"'reduce-overhead'\n" if patch == CM else b"else False),\n"
-        path.write_bytes(data.replace(marker, marker[:-1] + b"  # mine\n", 1))
-    elif step == "edit-inside":
-        data = path.read_bytes()
-        path.write_bytes(data.replace(b"'reduce-overhead'", b"'default'", 1) if patch == CM
-                         else data.replace(b"True if (", b"True if  (", 1))
+    elif step.startswith("edit-"):  # beside, spacing, inside: of the patch's last line, where the file has it
+        line, edited = _edited_written_line(below, ref.load().rewrite(below, ref.options).source, step[len("edit-"):])
+        path.write_bytes(path.read_bytes().replace(line.encode(), edited.encode(), 1))
     elif step == "lose-manifest":
         (root / ".totopatch" / "manifest.json").unlink(missing_ok=True)
     elif step == "lose-backups":
@@ -123,23 +149,35 @@ def _perturb(root: Path, step: str, patch: str) -> None:
     elif step == "original-back":
         path.write_bytes(original)
     elif step == "pre-patched":  # patched by hand or by another tool, nothing recorded
-        path.write_bytes(ref.load().rewrite(original.decode(), ref.options).source.encode())
+        path.write_bytes(ref.load().rewrite(below, ref.options).source.encode())
 
 
-STEPS = ("apply", "revert", "edit-outside", "edit-beside", "edit-inside", "lose-manifest", "lose-backups",
-         "change-backups", "original-back", "pre-patched")
+STEPS = ("apply", "revert", "edit-outside", "edit-beside", "edit-spacing", "edit-inside", "lose-manifest",
+         "lose-backups", "change-backups", "original-back", "pre-patched")
+
+
+def _with_beneath(ids: list[str]) -> list[str]:
+    """The patches and those they stack on, in the registry's order."""
+    wanted = set(ids) | {lower.id for i in ids for lower in beneath(by_id(i))}
+    return [p.id for p in PATCHES if p.id in wanted]
 
 
 @settings(max_examples=30, deadline=None, print_blob=True, phases=(Phase.explicit, Phase.reuse, Phase.generate))
-@given(steps=st.lists(st.tuples(st.sampled_from(STEPS), st.sampled_from(PATCHES)), min_size=1, max_size=4))
-def test_whatever_apply_reports_as_done_passes_the_gate(steps: list[tuple[str, str]]) -> None:
+@given(data=st.data())
+def test_whatever_apply_reports_as_done_passes_the_gate(data: st.DataObject) -> None:
+    """Any registered patches (with those they stack on), after any steps a user, a crash or an install takes."""
+    chosen = data.draw(st.lists(st.sampled_from([p.id for p in PATCHES]), min_size=1, max_size=2, unique=True),
+                       label="patches")
+    patches = _with_beneath(chosen)
+    steps = data.draw(st.lists(st.tuples(st.sampled_from(STEPS), st.sampled_from(patches)), min_size=1, max_size=4),
+                      label="steps")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
         shutil.copytree(installed_toto_package(), root / "toto" / "toto", ignore=shutil.ignore_patterns("__pycache__"))
         (root / "backtest_test3_inline.py").write_bytes(SAMPLE_BACKTEST)
         for step, patch in steps:
             _perturb(root, step, patch)
-        refs = [by_id(p) for p in PATCHES]
+        refs = [by_id(p) for p in patches]
         applied = engine.apply(open_context(root), refs)
         done = [(i.patch, i.state, i.detail) for i in applied.items]
         if applied.code == 0:
@@ -149,7 +187,6 @@ def test_whatever_apply_reports_as_done_passes_the_gate(steps: list[tuple[str, s
             assert verify.code == 0, (done, [(i.patch, i.state, i.detail) for i in verify.items])
         else:
             assert applied.code == 3 and any(i.state == "conflict" for i in applied.items), (done, applied.error)
-
 
 
 def test_a_drifted_file_keeps_its_options_unless_reverted(project: Path, cli) -> None:
@@ -204,3 +241,17 @@ def test_a_stacked_patch_whose_backup_is_gone_is_recorded_as_found_under_the_oth
     spacewise = by_id("spacewise-mask").load()
     original = (installed_toto_package() / "model" / "transformer.py").read_text()
     assert (root / "toto" / "model" / "transformer.py").read_text() == spacewise.rewrite(original, {}).source
+
+
+def test_a_stale_records_backup_that_a_lower_patch_takes_as_its_original_is_not_removed(project: Path, cli) -> None:
+    """Found by the property: layer-region applied alone, the file reinstalled, then spacewise-mask with it. Both
+    originals are the same bytes in the same ``.backup`` file; dropping the stale record must not delete it."""
+    transformer = project / project_file("transformer")
+    original = transformer.read_bytes()
+    assert cli(project, "apply", "layer-region").exit_code == 0
+    transformer.write_bytes(original)  # reinstalled
+    ran = cli(project, "apply", "spacewise-mask", "layer-region")
+    assert ran.exit_code == 0 and "dropped the stale record" in ran.stdout, ran.stdout + ran.stderr
+    assert cli(project, "verify", "spacewise-mask", "layer-region").exit_code == 0
+    assert cli(project, "revert").exit_code == 0
+    assert transformer.read_bytes() == original and not Path(f"{transformer}.backup").exists()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import installed_toto_package, snapshot
+from conftest import installed_toto_package, project_file, snapshot
+from totopatch.layout import TARGETS
+from totopatch.patches import PATCHES
 
 LEGACY_IMPORT = """
 try:
@@ -41,10 +43,7 @@ def util(project: Path) -> Path:
 def test_list_names_every_patch(project, cli) -> None:
     ran = cli(project, "list")
     assert ran.exit_code == 0
-    assert [line.split()[0] for line in ran.stdout.splitlines()] == ["kv-cache", "sdpa-causal", "spacewise-mask",
-                                                                        "layer-region", "scaler-constant",
-                                                                        "id-mask-check", "shared-prefill",
-                                                                        "cuda-graphs", "compile-mode"]
+    assert [line.split()[0] for line in ran.stdout.splitlines()] == [p.id for p in PATCHES]  # in the apply order
 
 
 def test_apply_all_status_verify_revert(project, cli) -> None:
@@ -52,11 +51,10 @@ def test_apply_all_status_verify_revert(project, cli) -> None:
     ran = cli(project, "apply")
     assert ran.exit_code == 0, ran.stderr
     states = {(i["patch"], i["target"]): i["state"] for i in json.loads(cli(project, "status", "--json").stdout)["items"]}
-    assert states == {("kv-cache", "util"): "applied", ("kv-cache", "util_optimized"): "not-present",
-                      ("sdpa-causal", "attention"): "applied", ("spacewise-mask", "transformer"): "applied",
-                      ("scaler-constant", "scaler"): "applied", ("id-mask-check", "embedding"): "applied",
-                      ("shared-prefill", "forecaster"): "applied", ("cuda-graphs", "forecaster"): "applied",
-                      ("compile-mode", "backtest"): "applied"}
+    present = {key: (project / project_file(key)).exists() for key in TARGETS}
+    assert not present["util_optimized"] and all(present[k] for k in TARGETS if not TARGETS[k].optional)
+    assert states == {(p.id, key): "applied" if present[key] else "not-present"
+                      for p in PATCHES if p.default for key in p.targets}  # every default patch on every target
     assert cli(project, "status", "--check").exit_code == 0
     assert cli(project, "verify").exit_code == 0
     assert cli(project, "revert").exit_code == 0

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import installed_toto_package, snapshot
+from totopatch.layout import TARGETS
+from totopatch.patches import PATCHES, by_id
 
 VERSIONS_DIR = Path(__file__).resolve().parent.parent / ".toto-versions"
 
@@ -23,17 +25,25 @@ def package(version: str) -> Path:
     return found
 
 
+TOTO_PATCHES = [p.id for p in PATCHES if all(TARGETS[key].base == "toto" for key in p.targets)]  # no backtest here
+
+
 @pytest.mark.parametrize("version", ["0.1.3", "0.1.4", "0.2.0"])
 def test_every_release_patches_and_reverts(tmp_path, cli, version) -> None:
+    """Every patch of the Toto tree, opt-in ones too: each changes its files, the gate passes, revert is exact."""
     root = tmp_path / "checkout"
     shutil.copytree(package(version), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
     before = snapshot(root)
-    ran = cli(root, "apply", "kv-cache", "sdpa-causal", "spacewise-mask")
-    assert ran.exit_code == 0, ran.stderr
-    assert "KVCacheCompileFriendly" in (root / "toto" / "model" / "util.py").read_text()
-    assert "True if (attention_mask is None" in (root / "toto" / "model" / "attention.py").read_text()
-    assert ").unsqueeze(1)" in (root / "toto" / "model" / "transformer.py").read_text()
-    assert cli(root, "status", "kv-cache", "sdpa-causal", "spacewise-mask", "--check").exit_code == 0
-    assert cli(root, "verify", "kv-cache", "sdpa-causal", "spacewise-mask").exit_code == 0
+    ran = cli(root, "apply", *TOTO_PATCHES)
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    patched = snapshot(root)
+    for ref in map(by_id, TOTO_PATCHES):
+        present = [TARGETS[k].path for k in ref.targets if TARGETS[k].path in before]
+        assert present and all(patched[f][0] != before[f][0] for f in present), ref.id
+    assert cli(root, "status", *TOTO_PATCHES, "--check").exit_code == 0
+    assert cli(root, "verify", *TOTO_PATCHES).exit_code == 0
+    again = cli(root, "apply", *TOTO_PATCHES)
+    assert again.exit_code == 0
+    assert {k: v[0] for k, v in snapshot(root).items()} == {k: v[0] for k, v in patched.items()}
     assert cli(root, "revert").exit_code == 0
     assert {k: v[:2] for k, v in snapshot(root).items()} == {k: v[:2] for k, v in before.items()}

@@ -21,16 +21,18 @@ from typing import Callable, Iterable
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package
 from realistic_backtest import realistic_script
-from totopatch.patches import by_id
+from totopatch.layout import TARGETS
+from totopatch.patches import beneath, by_id
 from totopatch.patches._cst import split_lines
-from totopatch.spec import Refusal
+from totopatch.spec import PatchRef, Refusal
 from totopatch.textio import decode, syntax_error
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASES = ("0.1.3", "0.1.4", "0.2.0")
-FILES = {"util": "model/util.py", "attention": "model/attention.py", "transformer": "model/transformer.py",
-         "forecaster": "inference/forecaster.py"}
+# each Toto target's path inside the toto package, from the layout every command uses
+FILES = {key: spec.path.removeprefix("toto/") for key, spec in TARGETS.items()
+         if spec.base == "toto" and not spec.optional}
 
 PREFIXES = ("\f", " \f", "\t\f", "    \f", "\f\f")  # before the indentation: the column restarts after a form feed
 TRAILING = (" ", "\t", "\f", " \f\t ")
@@ -92,18 +94,28 @@ class Case:
 
 
 def _source_files(patch_id: str) -> list[tuple[str, str]]:
-    if patch_id == "compile-mode":
+    """The sources the patch reads: its first target in every release (or the backtest scripts), as the
+    patches applied before it to the same file leave them."""
+    ref = by_id(patch_id)
+    key = ref.targets[0]
+    if key == "backtest":
         found = [("sample_backtest", SAMPLE_BACKTEST.decode())]
         found += [(p.name, p.read_text()) for p in sorted((FIXTURES / "backtest").glob("*.py"))]
-        return found + [("realistic-1500", realistic_script(1500))]
-    key = by_id(patch_id).targets[0]
-    found = []
-    for release in RELEASES:
-        parent = installed_toto_package() if release == "0.2.0" else ROOT / ".toto-versions" / release / "toto"
-        found.append((f"{release}/{FILES[key]}", (parent / FILES[key]).read_text()))
+        found += [("realistic-1500", realistic_script(1500))]
+    else:
+        found = []
+        for release in RELEASES:
+            parent = installed_toto_package() if release == "0.2.0" else ROOT / ".toto-versions" / release / "toto"
+            found.append((f"{release}/{FILES[key]}", (parent / FILES[key]).read_text()))
     if patch_id == "kv-cache":
         found += [(p.name, p.read_text()) for p in sorted((FIXTURES / "kv").glob("fork_*.py"))]
-    return found
+    return [(name, _beneath_applied(ref, text)) for name, text in found]
+
+
+def _beneath_applied(ref: PatchRef, text: str) -> str:
+    for below in beneath(ref):
+        text = below.load().rewrite(text, below.options).source
+    return text
 
 
 @functools.cache

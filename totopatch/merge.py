@@ -1,17 +1,18 @@
-"""Take a patch's own change back out of a file the user has edited since: a three-way merge (merge3).
+"""Take a patch's own change back out of a file the user has edited since: a three-way merge (diff3).
 
-merge3 merges the lines; where both sides changed the same or neighbouring lines (a comment added to a
-patched line, an edit of the blank line beside it), edits that only touch are combined, by line and then
-by character.  Anything else is a conflict.  The caller proves every merge by re-applying the patch (``plan_revert``).
+The lines of the three texts are aligned where all three agree; in between, a stretch one side left as it
+was takes the other side's; where both sides changed the same or neighbouring lines (a comment added to
+a patched line, an edit of the blank line beside it), edits that only touch are combined, by line and
+then by character.  Anything else is a conflict.  The caller proves every merge by re-applying the patch
+(``plan_revert``).
 """
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from merge3 import Merge3
-
+# diff3 over difflib, not the merge3 package: merge3 is GPL-2.0-or-later and totopatch is Apache-2.0.
 _LINE = re.compile(r"(?<=\n)")
 _PIECE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")  # a line with its CRLF, lone CR or LF, as Python reads it
 
@@ -31,11 +32,12 @@ def three_way(base: str, ours: str, theirs: str) -> str | None:
     Joining the pieces gives each side back exactly, so no byte (CR, CRLF, form feed, tab) is lost on the way.
     """
     out: list[str] = []
-    merger = Merge3(_pieces(base), _pieces(ours), _pieces(theirs), sequence_matcher=_Matcher)  # type: ignore[arg-type]
-    for group in merger.merge_groups():
-        if group[0] != "conflict":
-            out.extend(group[1])
-        elif (combined := _touching("".join(group[1]), "".join(group[2]), "".join(group[3]))) is not None:
+    for old, mine, new in _chunks(_pieces(base), _pieces(ours), _pieces(theirs)):
+        if mine == new or new == old:  # unchanged, changed alike, or changed by ours only
+            out.extend(mine)
+        elif mine == old:
+            out.extend(new)
+        elif (combined := _touching("".join(old), "".join(mine), "".join(new))) is not None:
             out.append(combined)
         else:
             return None
@@ -47,33 +49,58 @@ def _pieces(text: str) -> list[str]:
     return _PIECE.findall(text)
 
 
-class _Matcher:
-    """difflib's matcher for merge3, on what lies between the common head and tail only.
+Chunk = tuple[Sequence[str], Sequence[str], Sequence[str]]  # the same stretch of base, ours and theirs
 
-    The lines all three files share at the start and end are matched first; difflib then matches what is
-    between, with its heuristic that lines found everywhere (blank lines, brackets) only extend a match:
-    a 4,300-line script merges in tens of milliseconds.  A poor match there costs a conflict: the caller
+
+def _chunks(base: Sequence[str], ours: Sequence[str], theirs: Sequence[str]) -> Iterator[Chunk]:
+    """The three texts cut into stretches, alternately ones all three share and ones between them (diff3)."""
+    at = (0, 0, 0)
+    for z, a, b, n in _shared(base, ours, theirs):
+        if (z, a, b) != at:
+            yield base[at[0]:z], ours[at[1]:a], theirs[at[2]:b]
+        if n:
+            yield (base[z:z + n],) * 3
+        at = (z + n, a + n, b + n)
+
+
+def _shared(base: Sequence[str], ours: Sequence[str], theirs: Sequence[str]) -> list[tuple[int, int, int, int]]:
+    """(base, ours, theirs start, length) of the runs of base that both sides kept, in order, and an empty one
+    at the three ends: the overlaps of base's matches with ours and with theirs."""
+    mine, new = _matching_blocks(base, ours), _matching_blocks(base, theirs)
+    out: list[tuple[int, int, int, int]] = []
+    i = j = 0
+    while i < len(mine) and j < len(new):
+        (z1, a, n1), (z2, b, n2) = mine[i], new[j]
+        low, high = max(z1, z2), min(z1 + n1, z2 + n2)
+        if low < high:
+            out.append((low, a + low - z1, b + low - z2, high - low))
+        if z1 + n1 < z2 + n2:
+            i += 1
+        else:
+            j += 1
+    return out + [(len(base), len(ours), len(theirs), 0)]
+
+
+def _matching_blocks(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int, int]]:
+    """difflib's matching blocks of ``a`` and ``b`` (no empty ones), on what lies between the common head and tail.
+
+    The lines both share at the start and end are matched first; difflib then matches what is between,
+    with its heuristic that lines found everywhere (blank lines, brackets) only extend a match: a
+    4,300-line script merges in tens of milliseconds.  A poor match there costs a conflict: the caller
     accepts a merge only where re-applying the patch to it gives the user's file back.
     """
-
-    def __init__(self, isjunk: object = None, a: Sequence[str] = (), b: Sequence[str] = (),
-                 autojunk: bool = True) -> None:
-        self.a, self.b = a, b
-
-    def get_matching_blocks(self) -> list[tuple[int, int, int]]:
-        a, b = self.a, self.b
-        most = min(len(a), len(b))
-        head = _common(a, b)
-        tail = next((k for k in range(most - head) if a[len(a) - 1 - k] != b[len(b) - 1 - k]), most - head)
-        inner = difflib.SequenceMatcher(None, a[head:len(a) - tail], b[head:len(b) - tail]).get_matching_blocks()
-        blocks = [(0, 0, head)] + [(i + head, j + head, k) for i, j, k in inner] + [(len(a) - tail, len(b) - tail, tail)]
-        out: list[tuple[int, int, int]] = []
-        for i, j, k in blocks:
-            if k and out and out[-1][0] + out[-1][2] == i and out[-1][1] + out[-1][2] == j:
-                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + k)
-            elif k:
-                out.append((i, j, k))
-        return out + [(len(a), len(b), 0)]
+    most = min(len(a), len(b))
+    head = _common(a, b)
+    tail = next((k for k in range(most - head) if a[len(a) - 1 - k] != b[len(b) - 1 - k]), most - head)
+    inner = difflib.SequenceMatcher(None, a[head:len(a) - tail], b[head:len(b) - tail]).get_matching_blocks()
+    blocks = [(0, 0, head)] + [(i + head, j + head, k) for i, j, k in inner] + [(len(a) - tail, len(b) - tail, tail)]
+    out: list[tuple[int, int, int]] = []
+    for i, j, k in blocks:
+        if k and out and out[-1][0] + out[-1][2] == i and out[-1][1] + out[-1][2] == j:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + k)
+        elif k:
+            out.append((i, j, k))
+    return out
 
 
 def _touching(base: str, ours: str, theirs: str) -> str | None:

@@ -34,7 +34,25 @@ def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRe
                     pending[target.path] = change.new
                 if change.journal is not None and change.new == change.old:  # recorded as it stands:
                     manifest = manifest.with_entry(change.journal.entry)  # later patches of the run see it
-    return changes
+    return _keep_used_backups(ctx, manifest, changes)
+
+
+def _keep_used_backups(ctx: Context, manifest: mf.Manifest, changes: list[Change]) -> list[Change]:
+    """Remove a backup only where no record left after the run points at it (one dropped as stale may be the very
+    file another patch of the run took as its original); a record of the run that points at it takes it over."""
+    journal = [c.journal for c in changes if c.journal is not None]
+    touched = {i.entry.key for i in journal}
+    after = [e for e in manifest.entries if e.key not in touched] + [i.entry for i in journal if i.op == "add"]
+    used = {backup_path(ctx, e) for e in after} & {p for c in changes for p in c.remove_after}
+    if not used:
+        return changes
+    out = []
+    for change in changes:
+        item = change.journal
+        if item is not None and item.op == "add" and backup_path(ctx, item.entry) in used:
+            change = replace(change, journal=replace(item, entry=replace(item.entry, backup_created=True)))
+        out.append(replace(change, remove_after=tuple(p for p in change.remove_after if p not in used)))
+    return out
 
 
 def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, pending: dict[Path, bytes],

@@ -35,3 +35,9 @@ PATCHES: tuple[PatchRef, ...] = (
 
 def by_id(patch_id: str) -> PatchRef | None:
     return next((p for p in PATCHES if p.id == patch_id), None)
+
+
+def beneath(ref: PatchRef) -> tuple[PatchRef, ...]:
+    """The patches applied before ``ref`` to a file it changes too: the file ``ref`` reads has their edits."""
+    earlier = PATCHES[:PATCHES.index(ref)]
+    return tuple(p for p in earlier if set(p.targets) & set(ref.targets))

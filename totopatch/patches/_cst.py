@@ -67,6 +67,29 @@ def joined(lines: Sequence[str], added: Container[int]) -> str:
     return "".join(out)
 
 
+def newline_of(lines: Sequence[str]) -> str:
+    """The first line ending of ``lines`` (LF where there is none): the one the lines a patch adds take."""
+    first = lines[0] if lines else "\n"
+    return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
+
+
+def put_lines(lines: Sequence[str], start: int, stop: int, new: Sequence[str]) -> str:
+    """``lines`` with ``lines[start:stop]`` replaced by the whole lines ``new`` (a patch's own, in the text's
+    line ending), as one text: every other line is the user's, byte for byte.
+
+    New lines after a last line without a line ending give it the text's; a text without a final line
+    ending keeps none; no added line merges with a neighbour (``joined``).
+    """
+    out, new = list(lines), list(new)
+    if out and stop == len(out) and not _ending(out[-1])[1]:
+        if start == len(out):
+            out[-1] += newline_of(out)
+        if new:
+            new[-1] = _ending(new[-1])[0]
+    out[start:stop] = new
+    return joined(out, range(start, start + len(new)))
+
+
 def lines_of(module: cst.Module, nodes: Iterable[cst.CSTNode]) -> tuple[int, ...]:
     """1-based start lines of ``nodes`` (metadata is costly: call it only for refusals and notes)."""
     from libcst.metadata import MetadataWrapper, PositionProvider  # 0.2 s to import: only when refusing
@@ -113,8 +136,7 @@ class Exact:
     @property
     def newline(self) -> str:
         """The first line ending of the text (what LibCST takes as the module's), for the lines a patch adds."""
-        first = self.lines[0] if self.lines else "\n"
-        return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
+        return newline_of(self.lines)
 
     def restore(self, code: str) -> str:
         """The user's bytes for ``code``, LibCST's code for the module after a change (in ``clean``'s terms).

@@ -21,8 +21,8 @@ from __future__ import annotations
 import ast
 
 from totopatch.patches import shared_prefill
-from totopatch.patches._cst import parse_python, split_lines, template_text
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.patches._cst import newline_of, parse_python, put_lines, split_lines, template_text
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 BEGIN, END = "# totopatch cuda-graphs: begin", "# totopatch cuda-graphs: end"
 VARIABLE = "TOTOPATCH_CUDA_GRAPHS"
@@ -73,11 +73,7 @@ def _template() -> str:
     return template_text("cuda_graphs_template.py.txt")
 
 
-def _newline(lines: list[str]) -> str:
-    first = lines[0] if lines else "\n"
-    return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
-
-
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
     lines = split_lines(source)
@@ -86,21 +82,18 @@ def rewrite(source: str, options: Options) -> Rewrite:
         raise Refusal("no shared-prefill block: the CUDA graphs replay its prefill; apply shared-prefill first")
     block = _marked(lines, tree, BEGIN, END, "cuda-graphs")
     _check(lines, tree, [prefill] + ([block] if block else []))
-    newline = _newline(lines)
+    newline = newline_of(lines)
     wanted = [line.replace("\n", newline) for line in split_lines(_template())]
     if block is None:
         end = prefill[1] + 1
-        if end == len(lines) and not lines[-1].endswith(("\n", "\r")):
-            lines[-1] += newline
-        lines[end:end] = [newline, newline, *wanted]
-        return Rewrite("".join(lines))
+        return Rewrite(put_lines(lines, end, end, [newline, newline, *wanted]))
     between = [n for n in tree.body if prefill[1] < n.lineno - 1 < block[0]]
     if block[0] < prefill[1] or between:
         raise Refusal("the cuda-graphs block is not right after the shared-prefill block", (block[0] + 1,))
-    if lines[block[0]:block[1] + 1] == wanted:
+    new = put_lines(lines, block[0], block[1] + 1, wanted)
+    if new == source:
         return Rewrite(source)
-    lines[block[0]:block[1] + 1] = wanted
-    return Rewrite("".join(lines), ("replaced a cuda-graphs block written by another totopatch version",))
+    return Rewrite(new, ("replaced a cuda-graphs block written by another totopatch version",))
 
 
 PATCH = Patch(

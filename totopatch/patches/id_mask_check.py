@@ -19,7 +19,7 @@ import ast
 import libcst as cst
 
 from totopatch.patches._cst import parse_python, parse_statements, splice
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 MESSAGE = "Patches cannot span multiple datasets"
 
@@ -104,6 +104,7 @@ class _Guard(cst.CSTTransformer):
         return updated_node.with_changes(test=test)
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     upstream, patched = _forward_asserts(parse_python(source))
     if len(upstream) + patched != 1:

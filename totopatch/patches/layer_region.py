@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 
-from totopatch.patches._cst import joined, parse_python, split_lines, template_text
+from totopatch.patches._cst import newline_of, parse_python, put_lines, split_lines, template_text
 from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NEW_CLASS = "TransformerLayerCompiledOnce"
@@ -89,11 +89,6 @@ def _block(base: str, newline: str) -> list[str]:
     return [line.replace("\n", newline) for line in split_lines(text)]
 
 
-def _newline(lines: list[str]) -> str:
-    first = lines[0] if lines else "\n"
-    return "\r\n" if first.endswith("\r\n") else "\r" if first.endswith("\r") else "\n"
-
-
 @refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
@@ -104,26 +99,17 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if not _imports_torch(tree):
         raise Refusal("the module does not import torch at top level, which the layer region needs")
     end = layer.end_lineno or layer.lineno  # 1-based last line of the class = 0-based index after it
-    newline = _newline(lines)
+    newline = newline_of(lines)
     wanted = _block(layer.name, newline)
     if block is None:
-        if end == len(lines) and lines and not lines[-1].endswith(("\n", "\r")):
-            lines[-1] += newline
-        lines[end:end] = [newline, newline, *wanted]
-        return Rewrite(joined(lines, range(end, end + 2 + len(wanted))))
+        return Rewrite(put_lines(lines, end, end, [newline, newline, *wanted]))
     after = [n for n in tree.body if n.lineno - 1 < block[0]]
     if not after or after[-1] is not layer:
         raise Refusal(f"the layer-region block is not right after class {layer.name}", (layer.lineno, block[0] + 1))
-    if list(map(_one_break, lines[block[0]:block[1] + 1])) == list(map(_one_break, wanted)):
+    new = put_lines(lines, block[0], block[1] + 1, wanted)
+    if new == source:
         return Rewrite(source)
-    lines[block[0]:block[1] + 1] = wanted
-    return Rewrite(joined(lines, range(block[0], block[0] + len(wanted))),
-                   ("replaced a layer-region block written by another totopatch version",))
-
-
-def _one_break(line: str) -> str:
-    """The line with a lone CR ending as LF: ``joined`` may give the block's lines either, Python reads both alike."""
-    return line[:-1] + "\n" if line.endswith("\r") else line
+    return Rewrite(new, ("replaced a layer-region block written by another totopatch version",))
 
 
 PATCH = Patch(

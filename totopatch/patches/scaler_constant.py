@@ -16,7 +16,7 @@ import ast
 import libcst as cst
 
 from totopatch.patches._cst import parse_statements, splice
-from totopatch.spec import Options, Patch, Refusal, Rewrite
+from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NAME = "minimum_scale"
 UPSTREAM = f"torch.tensor({NAME}, device=...)"
@@ -82,6 +82,7 @@ def _may_match(node: ast.AST) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("tensor", "full")
 
 
+@refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     lines, segments = parse_statements(source, NAME, _may_match)
     finders = []
