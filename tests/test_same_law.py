@@ -330,6 +330,28 @@ def test_a_student_t_draw_is_torchs_draw_bit_for_bit(patched, shape, seed, dtype
     assert found.dtype == expected.dtype and torch.equal(found, expected) and torch.equal(torch.rand(2), after)
 
 
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), components=st.integers(1, 6), steps=st.integers(1, 3), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_one_draw_pick_is_multinomials_pick(patched, rows, components, steps, seed, dtype) -> None:
+    """A chain's one draw of the kept patch picks components as ``torch.multinomial(p, 1, True)`` does after its
+    checks (made once, in ``of``): the same picks for a seed, without multinomial's two waits for the device."""
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.rand(rows, 1, steps, components, generator=generator, dtype=dtype) + 0.01
+    probs = probs / probs.sum(-1, keepdim=True)
+    df = torch.full_like(probs, 3.0)
+    law = patched._TotopatchKeptLaw(probs, (df, torch.zeros_like(probs), torch.ones_like(probs)),
+                                    torch.zeros(rows, 1, steps, dtype=dtype), torch.ones(rows, 1, steps, dtype=dtype), 1.0)
+    law.components = tuple(p.clone() for p in law.components)
+    law.components[1].copy_(torch.arange(components, dtype=dtype).expand_as(probs))  # the component's loc = its index
+    law.components[2].fill_(1e-30)  # a negligible scale: the draw is its component's index
+    torch.manual_seed(seed)
+    expected = torch.multinomial(probs.reshape(-1, components), 1, True).reshape(rows, 1, steps).to(dtype)
+    torch.manual_seed(seed)
+    found = law.sample(1)[0]
+    assert torch.equal(found.round(), expected), (found, expected)
+
+
 def test_an_unknown_distribution_samples_exactly(patched) -> None:
     normal = torch.distributions.Normal(torch.zeros(1, 1, 8), 1.0)
     assert patched._TotopatchKeptLaw.of(normal, 4) is None
