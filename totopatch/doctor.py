@@ -140,10 +140,7 @@ def _layout(root: Path, installed: bool, backtest: Path | None, state_dir: Path 
 
 
 def _choice(patches: tuple[PatchRef, ...]) -> str:
-    eager = [p.id for p in patches if not p.compiled_only]
-    with_eager = f" with {environment.join(eager)}" if eager else ""
-    return (f"below a call pattern's break-even, run eager (TOTO_DISABLE_COMPILE=1){with_eager}; above it, "
-            "compile with the mode `compile-mode` sets (reduce-overhead unless chosen otherwise)")
+    return advice.choice([p.id for p in patches if not p.compiled_only])
 
 
 def _python() -> dict[str, str]:
