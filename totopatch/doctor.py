@@ -295,11 +295,11 @@ def _sampling_line(env: environment.Environment) -> str:
 def _graphs_text(env: environment.Environment) -> str:
     """What cuda-graphs does at run time, as ``compile`` says what the loader does."""
     if env.graphs == "not applied":
-        return "not applied (cuda-graphs): one-step prefills run eagerly"
+        return "not applied (cuda-graphs): one-step forecasts run eagerly"
     if env.graphs == "off":
-        return f"off ({env.graphs_set_by}): one-step prefills run eagerly"
+        return f"off ({env.graphs_set_by}): one-step forecasts run eagerly"
     idle = "" if env.compile == "off" else "; idle while Toto is compiled, which the loader does unless compile is off"
-    return f"on: one-step prefills on CUDA replay from captured CUDA graphs when Toto runs eager{idle}"
+    return f"on: one-step forecasts on CUDA replay from captured CUDA graphs when Toto runs eager{idle}"
 
 
 def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:

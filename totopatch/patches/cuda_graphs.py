@@ -98,7 +98,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
 
 PATCH = Patch(
     id="cuda-graphs",
-    description="Replay one-step prefills from captured CUDA graphs, no torch.compile (forecaster.py)",
+    description="Replay one-step forecasts from captured CUDA graphs, no torch.compile (forecaster.py)",
     targets=("forecaster",),
     rewrite=rewrite,
 )
