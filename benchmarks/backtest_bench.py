@@ -82,6 +82,7 @@ from backtest_worker import MODES, ROW_KEYS, Worker  # noqa: E402
 from harness import (add_tree_arguments, child_env, compile_cache_env, default_device, default_out, device_slug,  # noqa: E402
                      environment, fmt, installed_toto_parent, log_tail, make_patched_tree, run_process,
                      write_results)
+from totopatch.patches import PATCHES  # noqa: E402
 
 LENGTHS = (512, 777, 1024, 1400, 1800, 2200)
 SCENARIOS = {
@@ -98,6 +99,8 @@ TINY_SCENARIOS = {
 VARIANTS: dict[str, tuple[str, ...] | None] = {
     "unpatched": None,
     "patched": (),
+    # every default patch but rope-cache: its A/B in one run
+    "patched-no-rope-cache": tuple(p.id for p in PATCHES if p.default and p.id != "rope-cache"),
 }
 DEFAULT_ROWS = ("unpatched:eager", "unpatched:default", "unpatched:reduce-overhead",
                 "patched:eager", "patched:default", "patched:reduce-overhead")

@@ -63,11 +63,11 @@ def test_disable_names_the_variable_and_what_still_takes_effect() -> None:
 def test_a_patch_that_works_eagerly_is_named_only_once_it_is_registered() -> None:
     applied = {k: v for k, v in ALL.items() if k not in ("shared-prefill", "cuda-graphs")}
     (note,) = read({"TOTO_COMPILE": "0"}, PATCHES, applied).notes
-    assert note.endswith("; kv-cache, scaler-constant and id-mask-check do; "
+    assert note.endswith("; kv-cache, rope-cache, scaler-constant and id-mask-check do; "
                          "shared-prefill and cuda-graphs would, but are not applied")
     unregistered = tuple(p for p in PATCHES if p.id not in ("shared-prefill", "cuda-graphs"))
     (note,) = read({"TOTO_COMPILE": "0"}, unregistered, applied).notes
-    assert note.endswith("; kv-cache, scaler-constant and id-mask-check do") and "shared-prefill" not in note
+    assert note.endswith("; kv-cache, rope-cache, scaler-constant and id-mask-check do") and "shared-prefill" not in note
     (note,) = read({"TOTO_COMPILE": "0"}, PATCHES, ALL).notes
     assert note.endswith(f"; {EAGER}")
 

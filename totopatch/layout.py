@@ -27,6 +27,7 @@ TARGETS: dict[str, TargetSpec] = {
     "util_optimized": TargetSpec("util_optimized", "toto", "toto/model/util_optimized.py", True),
     "attention": TargetSpec("attention", "toto", "toto/model/attention.py", False),
     "transformer": TargetSpec("transformer", "toto", "toto/model/transformer.py", False),
+    "rope": TargetSpec("rope", "toto", "toto/model/rope.py", False),
     "scaler": TargetSpec("scaler", "toto", "toto/model/scaler.py", False),
     "embedding": TargetSpec("embedding", "toto", "toto/model/embedding.py", False),
     "forecaster": TargetSpec("forecaster", "toto", "toto/inference/forecaster.py", False),
