@@ -204,6 +204,7 @@ def test_the_tables_are_made_once_per_model_call_not_per_layer(patched_rope) -> 
         for _ in range(11):
             embedding.rotate_queries_and_keys(q, k)
     assert len(made) == 0  # the tables of the proving call are kept for this key
+    assert module._totopatch_rope_kept[embedding][1][3] is not None  # with the cosine and sine apply_rotary_emb makes
     q, k = queries(25, 0, torch.float32, True)
     with torch.no_grad():
         for _ in range(11):
