@@ -33,8 +33,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent))
 
-from backtest_bench import (SCENARIOS, SEED_BASE, TINY_SCENARIOS, child_env, configure_torch, gpu_name, gpu_slug,  # noqa: E402
-                            installed_toto_parent, make_calls, make_patched_tree, quartiles)
+from backtest_bench import SCENARIOS, TINY_SCENARIOS  # noqa: E402
+from backtest_worker import SEED_BASE, configure_torch, make_calls, quartiles  # noqa: E402
+from harness import child_env, device_name as gpu_name, device_slug as gpu_slug  # noqa: E402
+from harness import installed_toto_parent, make_patched_tree  # noqa: E402
 
 ROWS = {  # name: (tree, environment, python flags)
     "unpatched": ("unpatched", {}, []),
