@@ -468,3 +468,49 @@ def template_code(template: str, module: cst.Module) -> tuple[str, ...]:
 def _template_code(template: str, indent: str, newline: str) -> tuple[str, ...]:
     host = cst.Module(body=(), default_indent=indent, default_newline=newline)
     return tuple(host.code_for_node(s) for s in template_block(template))
+
+
+# ---------------------------------------------------------------- whole-line blocks (cuda-graphs, layer-region, rope-cache)
+
+
+def line_block(lines: Sequence[str], tree: ast.Module, begin: str, end: str, patch_id: str) -> tuple[int, int] | None:
+    """0-based first and last line of a block of whole lines: ``begin`` starts its first line, ``end`` is on the
+    line of a top-level statement that ends it.  None where there is none; a refusal where they do not pair up."""
+    tops = {node.lineno - 1 for node in tree.body} | {(node.end_lineno or node.lineno) - 1 for node in tree.body}
+    begins = [i for i, line in enumerate(lines) if line.startswith(begin)]
+    ends = [i for i, line in enumerate(lines) if end in line and i in tops]
+    if not begins and not ends:
+        return None
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise Refusal(f"damaged {patch_id} block: its begin/end markers do not pair up",
+                      tuple(i + 1 for i in begins + ends))
+    return begins[0], ends[0]
+
+
+def top_level_imports(tree: ast.Module) -> set[str]:
+    """The names a module's top-level imports bind (the first part of a dotted name)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def template_lines(template: str, lines: Sequence[str]) -> list[str]:
+    """``template``'s lines in the line ending of ``lines``."""
+    newline = newline_of(lines)
+    return [line.replace("\n", newline) for line in split_lines(template)]
+
+
+def put_block_after(source: str, lines: Sequence[str], tree: ast.Module, anchor: int, block: tuple[int, int] | None,
+                    wanted: Sequence[str], patch_id: str, anchor_name: str) -> tuple[str, tuple[str, ...]]:
+    """``source`` with the block ``wanted`` right after 0-based line ``anchor`` (two blank lines before it), or in
+    place of ``block``, which must already be right after it; and the note for a block that was replaced."""
+    if block is None:
+        newline = newline_of(lines)
+        return put_lines(lines, anchor + 1, anchor + 1, [newline, newline, *wanted]), ()
+    between = [n for n in tree.body if anchor < n.lineno - 1 < block[0]]
+    if block[0] <= anchor or between:
+        raise Refusal(f"the {patch_id} block is not right after {anchor_name}", (block[0] + 1,))
+    new = put_lines(lines, block[0], block[1] + 1, wanted)
+    return new, (() if new == source else (f"replaced a {patch_id} block written by another totopatch version",))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 
-from totopatch.patches._cst import newline_of, parse_python, put_lines, split_lines, template_text
+from totopatch.patches._cst import line_block, newline_of, parse_python, put_block_after, split_lines, template_text
 from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NEW_CLASS = "TransformerLayerCompiledOnce"
@@ -40,19 +40,6 @@ def _params(function: ast.FunctionDef) -> tuple[str, ...] | None:
 def _is_layer(node: ast.stmt) -> bool:
     return isinstance(node, ast.ClassDef) and any(
         isinstance(s, ast.FunctionDef) and s.name == "forward" and _params(s) == FORWARD for s in node.body)
-
-
-def _marked(lines: list[str], tree: ast.Module) -> tuple[int, int] | None:
-    """0-based first and last line of the block, from its markers; None where there is none."""
-    tops = {node.lineno - 1 for node in tree.body} | {(node.end_lineno or node.lineno) - 1 for node in tree.body}
-    begins = [i for i, line in enumerate(lines) if line.startswith(BEGIN)]
-    ends = [i for i, line in enumerate(lines) if END in line and i in tops]
-    if not begins and not ends:
-        return None
-    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise Refusal("damaged layer-region block: its begin/end markers do not pair up",
-                      tuple(i + 1 for i in begins + ends))
-    return begins[0], ends[0]
 
 
 def _find_layer(tree: ast.Module, block: tuple[int, int] | None) -> ast.ClassDef:
@@ -93,23 +80,15 @@ def _block(base: str, newline: str) -> list[str]:
 def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
     lines = split_lines(source)
-    block = _marked(lines, tree)
+    block = line_block(lines, tree, BEGIN, END, "layer-region")
     layer = _find_layer(tree, block)
     _check_names(lines, block)
     if not _imports_torch(tree):
         raise Refusal("the module does not import torch at top level, which the layer region needs")
-    end = layer.end_lineno or layer.lineno  # 1-based last line of the class = 0-based index after it
-    newline = newline_of(lines)
-    wanted = _block(layer.name, newline)
-    if block is None:
-        return Rewrite(put_lines(lines, end, end, [newline, newline, *wanted]))
-    after = [n for n in tree.body if n.lineno - 1 < block[0]]
-    if not after or after[-1] is not layer:
-        raise Refusal(f"the layer-region block is not right after class {layer.name}", (layer.lineno, block[0] + 1))
-    new = put_lines(lines, block[0], block[1] + 1, wanted)
-    if new == source:
-        return Rewrite(source)
-    return Rewrite(new, ("replaced a layer-region block written by another totopatch version",))
+    anchor = (layer.end_lineno or layer.lineno) - 1
+    new, notes = put_block_after(source, lines, tree, anchor, block, _block(layer.name, newline_of(lines)),
+                                 "layer-region", f"class {layer.name}")
+    return Rewrite(new, notes)
 
 
 PATCH = Patch(

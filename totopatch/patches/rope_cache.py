@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import ast
 
-from totopatch.patches._cst import newline_of, parse_python, put_lines, split_lines, template_text
+from totopatch.patches._cst import (line_block, parse_python, put_block_after, split_lines, template_lines, template_text,
+                                    top_level_imports)
 from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 BEGIN, END = "# totopatch rope-cache: begin", "# totopatch rope-cache: end"
@@ -42,27 +43,6 @@ def _class(tree: ast.Module) -> ast.ClassDef:
     return found[0]
 
 
-def _imported(tree: ast.Module) -> set[str]:
-    names: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return names
-
-
-def _marked(lines: list[str], tree: ast.Module) -> tuple[int, int] | None:
-    """0-based first and last line of the block; None where there is none."""
-    tops = {(node.end_lineno or node.lineno) - 1 for node in tree.body}
-    begins = [i for i, line in enumerate(lines) if line.startswith(BEGIN)]
-    ends = [i for i, line in enumerate(lines) if END in line and i in tops]
-    if not begins and not ends:
-        return None
-    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
-        raise Refusal("damaged rope-cache block: its begin/end markers do not pair up",
-                      tuple(i + 1 for i in begins + ends))
-    return begins[0], ends[0]
-
-
 def _template() -> str:
     return template_text("rope_cache_template.py.txt")
 
@@ -72,25 +52,17 @@ def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
     lines = split_lines(source)
     cls = _class(tree)
-    if missing := [n for n in _NEEDED_IMPORTS if n not in _imported(tree)]:
+    if missing := [n for n in _NEEDED_IMPORTS if n not in top_level_imports(tree)]:
         raise Refusal(f"the module does not import {', '.join(missing)} at top level, which the rope cache needs")
-    block = _marked(lines, tree)
+    block = line_block(lines, tree, BEGIN, END, "rope-cache")
     inside = set() if block is None else set(range(block[0], block[1] + 1))
     clash = [i + 1 for i, line in enumerate(lines) if i not in inside and "_totopatch_" in line]
     if clash:
         raise Refusal("the module already uses a _totopatch_ name outside the rope-cache block", tuple(clash))
-    newline = newline_of(lines)
-    wanted = [line.replace("\n", newline) for line in split_lines(_template())]
-    end = cls.end_lineno or cls.lineno
-    if block is None:
-        return Rewrite(put_lines(lines, end, end, [newline, newline, *wanted]))
-    between = [n for n in tree.body if end - 1 < n.lineno - 1 < block[0]]
-    if block[0] < end or between:
-        raise Refusal(f"the rope-cache block is not right after class {CLASS}", (block[0] + 1,))
-    new = put_lines(lines, block[0], block[1] + 1, wanted)
-    if new == source:
-        return Rewrite(source)
-    return Rewrite(new, ("replaced a rope-cache block written by another totopatch version",))
+    anchor = (cls.end_lineno or cls.lineno) - 1
+    new, notes = put_block_after(source, lines, tree, anchor, block, template_lines(_template(), lines), "rope-cache",
+                                 f"class {CLASS}")
+    return Rewrite(new, notes)
 
 
 PATCH = Patch(
