@@ -4,7 +4,8 @@
 - The cached method against upstream's on one module, over any sequence of calls that changes what the tables
   depend on (length, offset, dtype, layout, the buffers in place or moved, grad and inference mode): a
   hypothesis state machine, upstream's method being the oracle at every step.
-- It saves what it is for: the tables are made once per model call, not per time-wise layer.
+- It saves what it is for: the tables are made once per model call, not per time-wise layer, and never kept
+  after the call (a change to the buffers through ``.data``, which no version counter sees, is seen).
 - Whole forecasts, every release, both samplings, one step and several, one variate and several: the samples of
   the default patches equal bit for bit those of the same tree without rope-cache.
 """
@@ -146,24 +147,30 @@ class CachedAgainstUpstream(RuleBasedStateMachine):
         self.calls = 0
 
     @rule(seq_len=st.integers(1, 40), offset=st.integers(0, 50), seed=st.integers(0, 3),
-          grad=st.booleans(), inference=st.booleans())
-    def rotate(self, seq_len: int, offset: int, seed: int, grad: bool, inference: bool) -> None:
+          grad=st.booleans(), inference=st.booleans(), layers=st.integers(1, 4))
+    def one_model_call(self, seq_len: int, offset: int, seed: int, grad: bool, inference: bool, layers: int) -> None:
+        """A model call's layers inside one scope share one set of tables and each give upstream's bits."""
         q, k = queries(seq_len, seed, self.dtype, self.seq_first)
         mode = torch.inference_mode() if inference else torch.set_grad_enabled(grad)
         with mode:
-            got = self.rotary.rotate_queries_and_keys(q, k, seq_pos_offset=offset)
             expected = self.module._totopatch_rope_upstream(self.rotary, q, k, seq_pos_offset=offset)
-        assert identical(got, expected), (seq_len, offset, self.dtype, grad, inference)
-        self.calls += 1
+            with self.module._totopatch_rope_scope():
+                for _ in range(layers):
+                    got = self.rotary.rotate_queries_and_keys(q, k, seq_pos_offset=offset)
+                    assert identical(got, expected), (seq_len, offset, self.dtype, grad, inference)
+                assert len(self.module._totopatch_rope_local.tables) == 1  # the cached path ran, with one set
+        assert self.module._totopatch_rope_local.tables is None  # nothing outlives the call
 
-    @rule(seq_len=st.integers(1, 40), repeat=st.integers(2, 5))
-    def one_model_call(self, seq_len: int, repeat: int) -> None:
-        """Several layers inside one scope (a capture's model call) share tables and give upstream's bits."""
-        q, k = queries(seq_len, 0, self.dtype, self.seq_first)
-        expected = self.module._totopatch_rope_upstream(self.rotary, q, k)
-        with self.module._totopatch_rope_scope():
-            for _ in range(repeat):
-                assert identical(self.rotary.rotate_queries_and_keys(q, k), expected)
+    @rule(seq_len=st.integers(1, 40))
+    def outside_a_model_call(self, seq_len: int) -> None:
+        q, k = queries(seq_len, 1, self.dtype, self.seq_first)
+        assert identical(self.rotary.rotate_queries_and_keys(q, k),
+                         self.module._totopatch_rope_upstream(self.rotary, q, k))
+
+    @rule(factor=st.sampled_from([0.5, 1.5]))
+    def buffers_changed_through_data(self, factor: float) -> None:
+        """``.data`` shares the storage but not the version counter: no key can see this change."""
+        self.rotary.freqs.data.mul_(factor)
 
     @rule(factor=st.sampled_from([0.5, 2.0]))
     def buffers_changed_in_place(self, factor: float) -> None:
@@ -191,25 +198,27 @@ TestCachedAgainstUpstream = CachedAgainstUpstream.TestCase
 
 
 def test_the_tables_are_made_once_per_model_call_not_per_layer(patched_rope) -> None:
-    """What the patch is for: with 11 layers, the positions and scale are made once (after the first proof)."""
+    """What the patch is for: in a model call of 11 layers the positions and scale are made once; outside one,
+    upstream's method makes them every time."""
     module = patched_rope
     made = []
     embedding = rotary(module)
     original = type(embedding).get_scale
     embedding.get_scale = types.MethodType(lambda self, t: made.append(1) or original(self, t), embedding)
-    q, k = queries(24, 0, torch.float32, True)
     with torch.no_grad():
-        embedding.rotate_queries_and_keys(q, k)  # the first call proves the cached path against upstream's
+        with module._totopatch_rope_scope():  # the first call proves the cached path against upstream's
+            embedding.rotate_queries_and_keys(*queries(24, 0, torch.float32, True))
+        for length in (24, 25):
+            made.clear()
+            with module._totopatch_rope_scope():
+                for _ in range(11):
+                    embedding.rotate_queries_and_keys(*queries(length, 0, torch.float32, True))
+                tables = list(module._totopatch_rope_local.tables.values())
+            assert len(made) == 1 and len(tables) == 1 and tables[0][3] is not None  # with apply's cosine and sine
         made.clear()
-        for _ in range(11):
-            embedding.rotate_queries_and_keys(q, k)
-    assert len(made) == 0  # the tables of the proving call are kept for this key
-    assert module._totopatch_rope_kept[embedding][1][3] is not None  # with the cosine and sine apply_rotary_emb makes
-    q, k = queries(25, 0, torch.float32, True)
-    with torch.no_grad():
-        for _ in range(11):
-            embedding.rotate_queries_and_keys(q, k)
-    assert len(made) == 1  # a new length: made once, then shared
+        for _ in range(3):
+            embedding.rotate_queries_and_keys(*queries(24, 0, torch.float32, True))
+        assert len(made) == 3
 
 
 def test_under_torch_compile_the_method_is_upstreams(patched_rope) -> None:
@@ -223,7 +232,7 @@ def test_under_torch_compile_the_method_is_upstreams(patched_rope) -> None:
         return gm.forward
 
     compiled = torch.compile(lambda q, k: embedding.rotate_queries_and_keys(q, k), backend=backend, fullgraph=True)
-    with torch.no_grad():
+    with torch.no_grad(), module._totopatch_rope_scope():
         assert identical(compiled(q, k), module._totopatch_rope_upstream(embedding, q, k))
     assert len(seen) == 1  # one graph, no break
 
