@@ -5,11 +5,11 @@ afresh in every time-wise layer, though one model call gives every layer the sam
 kernels a layer, 200 of the roughly 1,240 operations of a one-step forecast in the Toto-Open-Base shape.
 Eager Toto on a GPU is bound by kernel launches, so each costs time.  The block of
 ``rope_cache_template.py.txt`` beside this module wraps the method: the tables are made by the same calls
-and kept for the last key made eagerly (shape, offset, dtype, device, the buffers' addresses and versions,
-autocast, grad and inference mode, stream), or for one model call inside a CUDA graph capture that opens a
-scope (the cuda-graphs patch does).  The first call per device, dtype and layout also runs upstream's method
-and compares the bits; where they differ, upstream's method runs from then on.  Under torch.compile the
-method is upstream's.
+and kept for one model call, in a scope that shared-prefill's block opens around each call it makes (inside
+the cuda-graphs captures too), per key (shape, offset, dtype, device, the buffers' addresses and versions,
+autocast, grad and inference mode, stream); outside a scope the method is upstream's.  The first call per
+device, dtype and layout also runs upstream's method and compares the bits; where they differ, upstream's
+method runs from then on.  Under torch.compile the method is upstream's.
 
 Found by its markers; spliced in as whole lines after the class, in the file's line endings, so nothing else
 in the file changes.
