@@ -197,6 +197,46 @@ def test_a_listed_backup_that_no_other_file_holds_is_kept_aside(project: Path, c
     assert kept.read_bytes() == lone and str(kept.relative_to(project)) in ran.stdout
 
 
+@pytest.mark.parametrize("edited", [None, "forecaster", "transformer"])
+def test_a_full_revert_of_two_stacked_patches_keeps_only_true_originals(project: Path, cli,
+                                                                        edited: str | None) -> None:
+    """shared-prefill under cuda-graphs, spacewise-mask under layer-region: the upper patch's backup is the lower
+    patch's output, made again from the original, so revert never keeps it nor calls it an original."""
+    files = {"forecaster": Path("toto/toto/inference/forecaster.py"), "transformer": TRANSFORMER}
+    originals = {name: (project / rel).read_bytes() for name, rel in files.items()}
+    assert cli(project, "apply").exit_code == 0 and cli(project, "apply", "layer-region").exit_code == 0
+    if edited:
+        path = project / files[edited]
+        path.write_bytes(path.read_bytes() + b"\n# the user's note\n")
+    ran = cli(project, "revert")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    kept = sorted((project / ".totopatch" / "backups").glob("*")) if (project / ".totopatch" / "backups").is_dir() \
+        else []
+    if edited is None:
+        assert kept == [] and "kept" not in ran.stdout, ran.stdout
+    else:
+        # the one original of the edited file, whose bytes no file holds now; the note names that file
+        assert [p.read_bytes() for p in kept] == [originals[edited]], ran.stdout
+        assert ran.stdout.count("kept the unpatched original of") == 1 and files[edited].name in ran.stdout
+    for name, rel in files.items():
+        if name != edited:
+            assert (project / rel).read_bytes() == originals[name]
+
+
+def test_an_upper_backup_whose_original_is_lost_is_kept_and_named_for_what_it_is(project: Path, cli) -> None:
+    """Where the lower patch's original is gone too, the upper backup is the one copy left: kept, and its note
+    says it is the lower patch's output, not an unpatched original."""
+    assert cli(project, "apply", "spacewise-mask", "layer-region").exit_code == 0
+    (project / (str(TRANSFORMER) + ".backup")).unlink()  # spacewise-mask's original, lost
+    (project / TRANSFORMER).write_bytes((project / TRANSFORMER).read_bytes() + b"\n# the user's note\n")
+    ran = cli(project, "revert", "layer-region")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    assert "unpatched original" not in ran.stdout
+    assert "as spacewise-mask left it, which layer-region was applied to" in ran.stdout, ran.stdout
+    (kept,) = (project / ".totopatch" / "backups").iterdir()
+    assert b"# the user's note" not in kept.read_bytes() and str(kept.relative_to(project)) in ran.stdout
+
+
 # ---------------------------------------------------------------- what the state folder accepts
 
 

@@ -13,10 +13,12 @@ A writing run goes ``begin`` (journal) -> ``keep`` (backups) -> the target write
 anywhere in between is finished by the next one's ``recover``, and read in memory by ``load``, with one
 replay rule for both.
 
-The invariant this module holds: a file holding a file's original bytes (a backup, a copy kept aside) is
-deleted only when those bytes are provably held by another file (the target itself, a backup the manifest
-records, or ``<state>/backups/<sha256>``).  Otherwise it is kept in ``<state>/backups/<sha256>`` and the
-run says where.  ``<state>/backups/`` and ``<state>/saved/`` keep whatever no entry records.
+The invariant this module holds: a backup or a copy kept aside is deleted only when its bytes are provably
+held by another file (the target itself, a backup the manifest records, or ``<state>/backups/<sha256>``), or
+are a recorded patch's output on bytes so held (a patch stacked on another has that one's output as its
+backup: it is made again from the original, never an original itself).  Otherwise it is kept in
+``<state>/backups/<sha256>`` and the run says where.  ``<state>/backups/`` and ``<state>/saved/`` keep
+whatever no entry records.
 """
 from __future__ import annotations
 
@@ -191,10 +193,15 @@ class StateFolder:
         """Drop the journal of a run whose files were all rolled back."""
         self.ctx.journal_path.unlink(missing_ok=True)
 
-    def finish(self, manifest: mf.Manifest, journal: mf.Journal, report: Report) -> None:
-        """After ``record``: clear the backups the run no longer needs, then drop the journal."""
+    def finish(self, manifest: mf.Manifest, journal: mf.Journal, report: Report,
+               earlier: Iterable[mf.Entry] = ()) -> None:
+        """After ``record``: clear the backups the run no longer needs, then drop the journal.
+
+        ``earlier`` are the entries the manifest held before the run: what their patches made is not an original.
+        """
         crash_point("after-manifest")
-        self._clear(manifest, journal.discard, report, "mid-cleanup", quiet=True, owners=journal.items)
+        self._clear(manifest, journal.discard, report, "mid-cleanup", quiet=True,
+                    owners=[*journal.items, *(mf.JournalItem("remove", e, None) for e in earlier)])
 
     # ------------------------------------------------------------ recovery
 
@@ -255,22 +262,50 @@ class StateFolder:
         whose = next((self.layout.display(self.layout.resolve(e.base, e.file)) for e in entries
                       if self.layout.resolve(e.backup_base, e.backup) == path), None)
         holder = self._holder(digest, path, manifest, entries)
-        if holder is not None:
+        made = None if holder is not None else self._made_by(digest, path, manifest, entries, set())
+        if holder is not None or made is not None:
             path.unlink()
             if not quiet:
+                held = f"{self.layout.display(holder)} holds the same bytes" if holder is not None else \
+                    f"they are what {made[0].patch} makes of {self.layout.display(made[1])}"  # type: ignore[index]
                 report.notes.append(f"removed {self.layout.display(path)}, a backup made by an interrupted run; "
-                                    f"{self.layout.display(holder)} holds the same bytes")
+                                    f"{held}")
             return
         kept = self.backups / digest
         if kept != path:
             self.keep(kept, data)
             path.unlink()
-        if whose:
+        owner = next((e for e in entries if self.layout.resolve(e.backup_base, e.backup) == path), None)
+        lower = next((e for e in entries if owner is not None and e.after_sha256 == owner.before_sha256
+                      and e.before_sha256 != e.after_sha256), None)
+        if owner is not None and lower is not None:
+            report.notes.append(f"kept {whose} as {lower.patch} left it, which {owner.patch} was applied to, as "
+                                f"{self.layout.display(kept)}: no other file holds those bytes, nor the original "
+                                f"{lower.patch} made them from")
+        elif whose:
             report.notes.append(f"kept the unpatched original of {whose} as {self.layout.display(kept)}: "
                                 "the file has changed since, and no other file holds those bytes")
-        else:
+        elif kept != path:
             report.notes.append(f"kept {self.layout.display(path)} as {self.layout.display(kept)}: "
                                 "no other file holds those bytes")
+        else:
+            report.notes.append(f"kept {self.layout.display(kept)}: no other file holds those bytes")
+
+    def _made_by(self, digest: str, not_at: Path, manifest: mf.Manifest, entries: list[mf.Entry],
+                 seen: set[str]) -> tuple[mf.Entry, Path] | None:
+        """A recorded patch whose output hashes to ``digest``, and a file other than ``not_at`` holding what it
+        was applied to (directly, or as the output of a recorded patch beneath it); None where there is none."""
+        seen = seen | {digest}
+        for entry in entries:
+            if entry.after_sha256 != digest or entry.before_sha256 == entry.after_sha256 \
+                    or entry.before_sha256 in seen:
+                continue
+            holder = self._holder(entry.before_sha256, not_at, manifest, entries)
+            if holder is None and (beneath := self._made_by(entry.before_sha256, not_at, manifest, entries, seen)):
+                holder = beneath[1]
+            if holder is not None:
+                return entry, holder
+        return None
 
     def kept(self, manifest: mf.Manifest) -> list[Path]:
         """Files of ``<state>/backups/`` that no entry records: originals kept aside, for the user to take."""
@@ -288,6 +323,7 @@ class StateFolder:
         """A file other than ``not_at`` that holds bytes hashing to ``digest``: kept, recorded, or a target."""
         candidates = [self.backups / digest, *sorted(self._recorded_backups(manifest))]
         candidates += [self.layout.resolve(e.base, e.file) for e in entries]
+        candidates += [self.layout.resolve(e.backup_base, e.backup) for e in entries]  # each read as it is now
         candidates += [self.layout.target(key).path for key in TARGETS]
         for path in dict.fromkeys(candidates):
             if path != not_at and (data := _read_quietly(path)) is not None and sha256(data) == digest:
