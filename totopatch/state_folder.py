@@ -5,7 +5,7 @@ Like quilt's ``.pc`` or git's index, ``<state>/`` holds what totopatch knows::
     manifest.json     what is applied, with hashes (``manifest``)
     journal.json      a run under way: the entries it completes; once recorded, the backups it no longer needs
     lock              flock'ed by the run that writes
-    backups/<sha256>  originals kept by content: backups, and copies kept aside
+    backups/<sha256>  files kept by content: backups, and copies kept aside
     saved/<name>      the user's versions that ``revert --force`` replaced
 
 A writing run goes ``begin`` (journal) -> ``keep`` (backups) -> the target writes (``transaction``) ->
@@ -308,7 +308,7 @@ class StateFolder:
         return None
 
     def kept(self, manifest: mf.Manifest) -> list[Path]:
-        """Files of ``<state>/backups/`` that no entry records: originals kept aside, for the user to take."""
+        """Files of ``<state>/backups/`` that no entry records: copies kept aside, for the user to take."""
         if not self.backups.is_dir():
             return []
         recorded = self._recorded_backups(manifest)
