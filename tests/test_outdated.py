@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, make_outdated, project_file, upstream_bytes
 from totopatch import engine, manifest as mf, patches
+from totopatch.fsio import CRASH_POINTS
 from totopatch.patches import PATCHES, beneath, by_id
 from totopatch.state import open_context
 
@@ -130,6 +132,30 @@ def test_every_patch_outdated_is_updated_by_apply_and_restored_by_revert(project
     assert cli(project, "status", "--check", *ids).exit_code == 0 and cli(project, "verify", *ids).exit_code == 0
     assert cli(project, "revert", *ids).exit_code == 0
     assert (project / project_file(key)).read_bytes() == upstream_bytes(key)
+
+
+# Between the journal and the backups, the file, the manifest and the clean-up (test_state_machine kills at all).
+APPLY_POINTS = ["after-backup", "after-write", "before-manifest", "mid-cleanup"]
+assert set(APPLY_POINTS) <= set(CRASH_POINTS)
+
+
+@pytest.mark.parametrize("point", APPLY_POINTS)
+def test_an_update_killed_at_any_point_is_finished_by_the_next_apply(project: Path, cli, monkeypatch,
+                                                                     point: str) -> None:
+    with earlier_totopatch(monkeypatch, "shared-prefill"):
+        assert cli(project, "apply", "shared-prefill", "cuda-graphs").exit_code == 0
+    killed = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "apply", "cuda-graphs"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "TOTOPATCH_TEST_CRASH_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ran = cli(project, "apply", "cuda-graphs")
+    assert ran.exit_code == 0 and "Traceback" not in ran.stderr, ran.stdout + ran.stderr
+    assert cli(project, "status", "--check", "shared-prefill", "cuda-graphs").exit_code == 0
+    assert cli(project, "verify", "shared-prefill", "cuda-graphs").exit_code == 0
+    assert cli(project, "revert").exit_code == 0
+    assert (project / FORECASTER).read_bytes() == upstream_bytes("forecaster")
+    backups = project / ".totopatch" / "backups"
+    assert not backups.is_dir() or not any(backups.iterdir())  # the earlier output beneath cuda-graphs went too
 
 
 def test_an_outdated_file_edited_since_is_refused_alike_by_status_apply_and_revert(project: Path, cli,

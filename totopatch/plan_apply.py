@@ -439,8 +439,11 @@ def _update(ctx: Context, target: Target, item: Item, rebuilt: Rebuilt, data: by
                                    code_sha256=code_sha256(ref), totopatch_version=__version__, applied_at=stamp,
                                    **fields))  # type: ignore[arg-type]
     final = rebuilt.outputs[-1]
-    changes = [Change(target.path, data, final, mf.JournalItem("add", new_entries[0], new_entries[0].after_sha256),
-                      tuple(keep))]
+    # The earlier records go once the file holds the new stack: a run killed on the way still knows what they
+    # recorded, so the earlier version's output beneath a patch is cleared as a recorded patch's output.
+    changes = [Change(target.path, data, data, mf.JournalItem("remove", e, sha256(final))) for e in rebuilt.chain]
+    changes += [Change(target.path, data, final, mf.JournalItem("add", new_entries[0], new_entries[0].after_sha256),
+                       tuple(keep))]
     changes += [Change(target.path, final, final, mf.JournalItem("add", e, e.after_sha256)) for e in new_entries[1:]]
     changes[-1] = replace(changes[-1], remove_after=tuple(drop))
     others = [e.patch for e in rebuilt.chain if e.patch != item.patch]
