@@ -124,8 +124,23 @@ def test_cli_stacks_it_on_shared_prefill_and_reverts_exactly(tmp_path, cli, vers
 def test_cli_refuses_it_alone(tmp_path, cli) -> None:
     root = tmp_path / "checkout"
     shutil.copytree(package("0.2.0"), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    before = snapshot(root)
     ran = cli(root, "apply", "cuda-graphs")
-    assert ran.exit_code != 0 and "apply shared-prefill first" in ran.stdout + ran.stderr
+    assert ran.exit_code == 3 and "apply shared-prefill first" in ran.stdout + ran.stderr
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_untouched_tree_reads_not_applied_before_apply_and_after_revert(tmp_path, cli, version: str) -> None:
+    """Without the shared-prefill block beneath it, cuda-graphs is simply not applied: not a conflict."""
+    root = tmp_path / "checkout"
+    shutil.copytree(package(version), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
+    for _ in ("before apply", "after a full revert"):
+        ran = cli(root, "status", "--json")
+        states = {(i["patch"], i["target"]): i["state"] for i in json.loads(ran.stdout)["items"]}
+        assert ran.exit_code == 0 and states[("cuda-graphs", "forecaster")] == "not-applied", states
+        assert set(states.values()) <= {"not-applied", "not-present"}, states
+        assert cli(root, "apply").exit_code == 0 and cli(root, "revert").exit_code == 0
 
 
 # ---------------------------------------------------------------- the runner, on CPU

@@ -80,7 +80,7 @@ def test_doctor_text_has_every_section(project, cli, monkeypatch, tmp_path) -> N
     assert sum(line.startswith("  kv-cache ") and "applied" in line for line in lines) == 1
     assert any(line.startswith("compile     off: Toto runs eager (TOTO_DISABLE_COMPILE=1)") for line in lines)
     assert any(line.split()[:3] == ["TOTO_DISABLE_COMPILE", "1", "compile"] for line in lines)
-    assert "graphs      on: one-step prefills on CUDA replay from captured CUDA graphs when Toto runs eager" in lines
+    assert "graphs      on: one-step forecasts on CUDA replay from captured CUDA graphs when Toto runs eager" in lines
     assert f"cache       {tmp_path / 'inductor'} (TORCHINDUCTOR_CACHE_DIR; does not exist yet)" in lines
     assert any("compiling pays off from" in line for line in lines)
     assert not any(line.startswith("problem:") for line in lines)
@@ -118,10 +118,10 @@ def test_doctor_reports_the_cuda_graphs_switch(project, cli, monkeypatch) -> Non
     assert cli(project, "apply").exit_code == 0
     monkeypatch.setenv("TOTOPATCH_CUDA_GRAPHS", "0")
     lines = cli(project, "doctor").stdout.splitlines()
-    assert "graphs      off (TOTOPATCH_CUDA_GRAPHS=0): one-step prefills run eagerly" in lines
+    assert "graphs      off (TOTOPATCH_CUDA_GRAPHS=0): one-step forecasts run eagerly" in lines
     assert any(line.split()[:2] == ["TOTOPATCH_CUDA_GRAPHS", "0"] and line.endswith("run without them")
                for line in lines)
-    assert "  note: TOTOPATCH_CUDA_GRAPHS=0: cuda-graphs is off at run time; one-step prefills run without CUDA " \
+    assert "  note: TOTOPATCH_CUDA_GRAPHS=0: cuda-graphs is off at run time; one-step forecasts run without CUDA " \
            "graphs" in lines
     monkeypatch.delenv("TOTOPATCH_CUDA_GRAPHS")
     lines = cli(project, "doctor").stdout.splitlines()

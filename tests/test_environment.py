@@ -73,8 +73,8 @@ def test_a_patch_that_works_eagerly_is_named_only_once_it_is_registered() -> Non
 
 
 @pytest.mark.parametrize("value, graphs, meaning_text", [
-    pytest.param("0", "off", "CUDA graphs off: one-step prefills run without them", id="zero"),
-    pytest.param(" Off ", "off", "CUDA graphs off: one-step prefills run without them", id="off-any-case"),
+    pytest.param("0", "off", "CUDA graphs off: one-step forecasts run without them", id="zero"),
+    pytest.param(" Off ", "off", "CUDA graphs off: one-step forecasts run without them", id="off-any-case"),
     pytest.param("1", "on", "CUDA graphs on (the default)", id="one"),
     pytest.param("maybe", "on", "not a recognised value (1/true/yes/on or 0/false/no/off): ignored, "
                  "the CUDA graphs stay on", id="unrecognised"),
@@ -85,7 +85,7 @@ def test_the_cuda_graphs_switch(value: str, graphs: str, meaning_text: str) -> N
     off = [n for n in found.notes if "cuda-graphs is off" in n]
     assert (found.graphs_set_by, off) == ((f"TOTOPATCH_CUDA_GRAPHS={environment.shown_value(value)}", [
         f"TOTOPATCH_CUDA_GRAPHS={environment.shown_value(value)}: cuda-graphs is off at run time; "
-        "one-step prefills run without CUDA graphs"]) if graphs == "off" else (None, []))
+        "one-step forecasts run without CUDA graphs"]) if graphs == "off" else (None, []))
     assert any("is not a recognised value" in n for n in found.notes) == (value == "maybe")
 
 

@@ -1,2 +1,2 @@
 """totopatch: safe, reversible patches that make Toto compile-friendly."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -146,7 +146,7 @@ patch_ids = click.argument("patch_ids", nargs=-1, metavar="[PATCH_ID]...")
 @click.pass_context
 def main(ctx: click.Context, root: Path | None, installed: bool, backtest: Path | None, state_dir: Path | None,
          no_color: bool, as_json_output: bool) -> None:
-    """Safe, reversible patches that make Toto fast under torch.compile."""
+    """Safe, reversible patches that make Toto fast and stable, with torch.compile or without it."""
     ctx.obj = Where(root, installed, backtest, state_dir)
     ctx.meta["totopatch.no_color"] = no_color
 
@@ -156,10 +156,12 @@ def main(ctx: click.Context, root: Path | None, installed: bool, backtest: Path 
 def list_patches(as_json_output: bool) -> Output:
     """List the known patches."""
     lines, rows = [], []
+    width = max(len(ref.id) for ref in PATCHES)
+    places = max(len(", ".join(ref.targets)) for ref in PATCHES)
     for ref in PATCHES:
         patch = ref.load()
         default = "" if ref.default else "  [opt-in]"
-        lines.append(f"{ref.id:<14} {', '.join(ref.targets):<22} {patch.description}{default}")
+        lines.append(f"{ref.id:<{width}} {', '.join(ref.targets):<{places}} {patch.description}{default}")
         rows.append({"id": ref.id, "targets": list(ref.targets), "description": patch.description,
                      "default": ref.default})
     return render.text_output("list", Code.OK, "\n".join(lines), patches=rows)

@@ -141,10 +141,7 @@ def _layout(root: Path, installed: bool, backtest: Path | None, state_dir: Path 
 
 
 def _choice(patches: tuple[PatchRef, ...]) -> str:
-    eager = [p.id for p in patches if not p.compiled_only]
-    with_eager = f" with {environment.join(eager)}" if eager else ""
-    return (f"below a call pattern's break-even, run eager (TOTO_DISABLE_COMPILE=1){with_eager}; above it, "
-            "compile with the mode `compile-mode` sets (reduce-overhead unless chosen otherwise)")
+    return advice.choice([p.id for p in patches if not p.compiled_only])
 
 
 def _python() -> dict[str, str]:
@@ -301,11 +298,11 @@ def _sampling_line(env: environment.Environment) -> str:
 def _graphs_text(env: environment.Environment) -> str:
     """What cuda-graphs does at run time, as ``compile`` says what the loader does."""
     if env.graphs == "not applied":
-        return "not applied (cuda-graphs): one-step prefills run eagerly"
+        return "not applied (cuda-graphs): one-step forecasts run eagerly"
     if env.graphs == "off":
-        return f"off ({env.graphs_set_by}): one-step prefills run eagerly"
+        return f"off ({env.graphs_set_by}): one-step forecasts run eagerly"
     idle = "" if env.compile == "off" else "; idle while Toto is compiled, which the loader does unless compile is off"
-    return f"on: one-step prefills on CUDA replay from captured CUDA graphs when Toto runs eager{idle}"
+    return f"on: one-step forecasts on CUDA replay from captured CUDA graphs when Toto runs eager{idle}"
 
 
 def _environment_lines(env: environment.Environment, torch: Torch) -> list[str]:

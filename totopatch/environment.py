@@ -92,7 +92,7 @@ def read(env: Mapping[str, str], patches: Sequence[PatchRef],
         notes += (f"{shown(mode_var, env[mode_var])} overrides the patched default {patched_mode}" + _bad_mode(mode),)
     notes += sampling_note
     if graphs_by:
-        notes += (f"{graphs_by}: {GRAPHS_PATCH} is off at run time; one-step prefills run without CUDA graphs",)
+        notes += (f"{graphs_by}: {GRAPHS_PATCH} is off at run time; one-step forecasts run without CUDA graphs",)
     return Environment(compile_state, compile_by, mode or patched_mode, mode_var if mode else
                        ("compile-mode" if patched_mode else None), sampling, sampling_by, variables, notes, graphs,
                        graphs_by)
@@ -273,4 +273,4 @@ def _graphs_meaning(value: str, graphs: str) -> str:
         return f"no effect: {GRAPHS_PATCH} is not applied"
     if reading is None:
         return f"not a recognised value ({_FLAG_VALUES}): ignored, the CUDA graphs stay on"
-    return "CUDA graphs on (the default)" if reading else "CUDA graphs off: one-step prefills run without them"
+    return "CUDA graphs on (the default)" if reading else "CUDA graphs off: one-step forecasts run without them"

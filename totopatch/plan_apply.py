@@ -172,6 +172,8 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
     if state == State.APPLIED_UNRECORDED:
         assert found.data is not None
         return _plan_unrecorded(ctx, ref.load(), target, item, found.data, options)
+    if state == State.NOT_APPLIED and found.rewritten is None:  # needs a patch beneath it that is not applied
+        return replace(item, state=State.CONFLICT, detail=found.detail), None
     if state == State.NOT_APPLIED:
         assert found.data is not None and found.rewritten is not None
         source, encode = text(target.path, found.data)

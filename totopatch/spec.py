@@ -22,6 +22,10 @@ class Refusal(Exception):
         self.hint = hint
 
 
+class NeedsBase(Refusal):
+    """The patch stacks on another patch's edit of the file, which is not there yet: not applied, not a conflict."""
+
+
 class LegacyPatched(Refusal):
     """The source carries the edits of the old text-based patch script."""
 

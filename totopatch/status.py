@@ -10,7 +10,7 @@ from .layout import TARGETS, Target, installed_toto
 from .outcome import Abort, Code, Item, Report, State
 from .patches import PATCHES, by_id
 from .reading import read, text
-from .spec import LegacyPatched, PatchRef, Refusal, Rewrite
+from .spec import LegacyPatched, NeedsBase, PatchRef, Refusal, Rewrite
 from .state import Context, load
 from .textio import SourceError, check_syntax
 from .undo import How, replaced, take_out_stack, verified_backup
@@ -81,6 +81,8 @@ def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target,
         rewritten = ref.load().rewrite(source, options)
     except LegacyPatched as exc:
         return Finding(State.LEGACY, f"patched by the legacy script ({exc.reason})", data, entry, refusal=exc)
+    except NeedsBase as exc:  # the patch beneath it is not applied yet: this one is not, either
+        return Finding(State.NOT_APPLIED, exc.reason, data, None, refusal=exc)
     except Refusal as exc:
         return Finding(State.CONFLICT, refusal_detail(exc, ctx.layout.display(target.path)), data, entry,
                        refusal=exc)

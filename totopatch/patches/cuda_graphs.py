@@ -22,7 +22,7 @@ import ast
 
 from totopatch.patches import shared_prefill
 from totopatch.patches._cst import newline_of, parse_python, put_lines, split_lines, template_text
-from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
+from totopatch.spec import NeedsBase, Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 BEGIN, END = "# totopatch cuda-graphs: begin", "# totopatch cuda-graphs: end"
 VARIABLE = "TOTOPATCH_CUDA_GRAPHS"
@@ -79,7 +79,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
     lines = split_lines(source)
     prefill = _marked(lines, tree, shared_prefill.BEGIN, shared_prefill.END, "shared-prefill")
     if prefill is None:
-        raise Refusal("no shared-prefill block: the CUDA graphs replay its prefill; apply shared-prefill first")
+        raise NeedsBase("no shared-prefill block: the CUDA graphs replay its forecast; apply shared-prefill first")
     block = _marked(lines, tree, BEGIN, END, "cuda-graphs")
     _check(lines, tree, [prefill] + ([block] if block else []))
     newline = newline_of(lines)
@@ -98,7 +98,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
 
 PATCH = Patch(
     id="cuda-graphs",
-    description="Replay one-step prefills from captured CUDA graphs, no torch.compile (forecaster.py)",
+    description="Replay one-step forecasts from captured CUDA graphs, no torch.compile (forecaster.py)",
     targets=("forecaster",),
     rewrite=rewrite,
 )
