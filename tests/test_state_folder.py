@@ -108,6 +108,33 @@ def test_a_kill_at_any_step_of_apply_then_an_edit_loses_nothing(project: Path, c
     assert not written or held_by_state(project, SAMPLE_BACKTEST)
 
 
+# A run that records files without writing them (a drifted file re-recorded as it stands): the file's hash
+# cannot tell how far it got, so its records must be taken whole or not at all, each with its backups.
+RECORDING = {"stack": (TRANSFORMER, ("spacewise-mask", "layer-region"), ("spacewise-mask",)),
+             "single": (Path("backtest_test3_inline.py"), (CM,), (CM,))}
+
+
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if not p.startswith("recover-")])
+@pytest.mark.parametrize("case", RECORDING)
+def test_a_re_record_killed_at_any_step_is_taken_whole_or_not_at_all(project: Path, cli, case: str,
+                                                                      point: str) -> None:
+    rel, applied, again = RECORDING[case]
+    original = (project / rel).read_bytes()
+    assert cli(project, "apply", *applied).exit_code == 0
+    (project / rel).write_bytes(b"# edited by the user\n" + (project / rel).read_bytes())
+    killed = totopatch(project, "apply", *again, TOTOPATCH_TEST_CRASH_AT=point)
+    assert killed.returncode in (0, -signal.SIGKILL) and "Traceback" not in killed.stderr, killed.stderr
+    status = cli(project, "status", *applied)
+    assert status.exit_code == 0 and "Traceback" not in status.stderr, status.stderr  # trusted, whatever it got to
+    ran = cli(project, "apply", *again)
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    assert cli(project, "status", "--check", *applied).exit_code == 0
+    assert cli(project, "verify", *applied).exit_code == 0
+    assert held_by_state(project, original)  # the original before the edit, kept aside
+    assert cli(project, "revert", *applied).exit_code == 0
+    assert (project / rel).read_bytes() == b"# edited by the user\n" + original
+
+
 @pytest.mark.parametrize("point", ["after-write", "before-manifest", "after-manifest", "mid-cleanup"])
 def test_a_kill_during_a_merging_revert_keeps_the_unedited_original(project: Path, cli, point: str) -> None:
     target = project / "backtest_test3_inline.py"
@@ -160,6 +187,16 @@ def test_a_journal_in_the_earlier_format_is_still_finished(project: Path, cli) -
     assert ran.exit_code == 0 and "finished recording" in ran.stdout, ran.stderr
     assert cli(project, "revert", CM).exit_code == 0
     assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST
+
+
+def test_a_journal_adding_a_result_that_is_neither_written_nor_held_is_untrusted(project: Path, cli) -> None:
+    """An add's result is its entry's after, or what the file held where the run records it without writing it."""
+    totopatch(project, "apply", CM, TOTOPATCH_TEST_CRASH_AT="before-manifest")
+    journal = project / ".totopatch" / "journal.json"
+    data = json.loads(journal.read_text())
+    data["items"][0]["result_sha256"] = "0" * 64
+    journal.write_text(json.dumps(data))
+    one_line_error(cli(project, "status"), 7, str(journal), "result is not its after_sha256")
 
 
 def test_a_backup_is_deleted_only_when_the_file_holds_its_bytes(project: Path, cli) -> None:

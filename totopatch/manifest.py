@@ -372,7 +372,9 @@ def load_journal(path: Path) -> Journal:
     if any(h is not None and not (isinstance(h, str) and _SHA.match(h))
            for i in out for h in (i.result_sha256, i.from_sha256)):
         raise StateError(f"{path}: journal has a bad result_sha256 or from_sha256")
-    if any(i.op == "add" and i.result_sha256 != i.entry.after_sha256 for i in out):
+    # An add's file hashes to its result once done: the entry's after, or, where the run records the entry without
+    # writing the file (a drifted stack recorded as it stands), what the file already held: the top of the stack.
+    if any(i.op == "add" and i.result_sha256 not in (i.entry.after_sha256, i.from_sha256) for i in out):
         raise StateError(f"{path}: journal adds an entry whose result is not its after_sha256; "
                          "move it aside, then `totopatch status` shows each file's state")
     if any(base not in BASES for base, _ in dropped):

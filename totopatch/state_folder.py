@@ -80,7 +80,8 @@ class StateFolder:
         k happened; holding what it held before the run, none.  A file edited since: an ``add`` happened
         unless the backup it writes first is missing or the patch's change is provably not in the file
         (``_unpatched``); a ``remove`` only on that proof.  So a change written and then edited stays
-        recorded (status shows it, revert can act on it), and a record is dropped only on proof.
+        recorded (status shows it, revert can act on it), and a record is dropped only on proof.  Changes that
+        record a file without writing it are taken whole or not at all, each with its backups (``_whole``).
         """
         items = list(items)
         by_file: dict[Path, list[int]] = {}
@@ -96,6 +97,29 @@ class StateFolder:
         return manifest
 
     def _happened(self, path: Path, group: list[mf.JournalItem]) -> list[bool]:
+        return self._whole(group, self._by_the_file(path, group))
+
+    def _whole(self, group: list[mf.JournalItem], flags: list[bool]) -> list[bool]:
+        """Items that record the file without writing it (a drifted stack recorded as it stands, a patch found in
+        the file) happened together or not at all, and only with the backups they write first: the file's bytes
+        prove none of them, and half of them would record half a stack.  A later item the file proves happened
+        proves them too."""
+        out, start = list(flags), 0
+        while start < len(group):
+            end = start
+            while end < len(group) and group[end].result_sha256 == group[end].from_sha256:
+                end += 1
+            if end == start:
+                start += 1
+                continue
+            run = group[start:end]
+            done = all(out[start:end]) and all(i.op != "add" or not i.entry.backup_created
+                                               or self._backed_up(i.entry) for i in run)
+            out[start:end] = [done or any(out[end:])] * len(run)
+            start = end
+        return out
+
+    def _by_the_file(self, path: Path, group: list[mf.JournalItem]) -> list[bool]:
         try:
             data, readable = read(path), True
         except Abort:
