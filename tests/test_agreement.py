@@ -244,7 +244,8 @@ def test_a_long_stretch_both_sides_changed_is_combined_by_line_only(monkeypatch)
     """By character, difflib's cost grows as the product of the sides' lengths: only a few lines are combined so."""
     longest: list[int] = []
     edits = merge._edits
-    monkeypatch.setattr(merge, "_edits", lambda base, other, left: longest.append(len(base)) or edits(base, other, left))
+    monkeypatch.setattr(merge, "_edits",
+                        lambda base, other, left: longest.append(len(base)) or edits(base, other, left))
     block = "".join(f"    value_{i} = compute({i})\n" for i in range(200))
     assert len(block) > merge.CHARACTERS
     noted = block.replace("value_100 = compute(100)", "value_100 = compute(100)  " + MARK)
