@@ -9,8 +9,9 @@ context lengths.  Reported per row: the first call (compile included), dynamo's 
 compiler's seconds (``torch._dynamo.utils.compile_times``), the later calls, recompiles, and the
 largest difference of the samples from the first row's.
 
-Trees: ``without`` has every default patch but layer-region; ``with`` has them all.  Rows alternate
-(without, with, without, with, ...) so that a change of load on a shared machine hits both alike.
+Trees: ``without`` has every default patch of the Toto tree (``DEFAULT``, read from the registry);
+``with`` adds layer-region.  Rows alternate (without, with, without, with, ...) so that a change of load
+on a shared machine hits both alike.
 
     python benchmarks/compile_time_bench.py [--pairs 2] [--json OUT]
 """
@@ -29,10 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import child_env, installed_toto_parent, log_tail, make_patched_tree, run_process  # noqa: E402
 
+from totopatch.layout import TARGETS  # noqa: E402
+from totopatch.patches import PATCHES  # noqa: E402
+
 LENGTHS = (200, 333, 480)
 SHAPE = dict(patch_size=16, stride=16, embed_dim=64, num_heads=4, mlp_hidden_dim=128,
              output_distribution_kwargs={"k_components": 4})
-DEFAULT = ("kv-cache", "sdpa-causal", "spacewise-mask", "layer-region", "shared-prefill")
+REGION = "layer-region"
+# From the registry: every default patch of the Toto tree (the trees here hold no backtest script), and
+# layer-region, in the order they apply.
+DEFAULT = tuple(p.id for p in PATCHES if (p.default or p.id == REGION)
+                and all(TARGETS[key].base == "toto" for key in p.targets))
 
 
 def worker(parent: str, out: str) -> None:
@@ -90,7 +98,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="totopatch-compile-"))
     try:
         parent = installed_toto_parent()
-        without = tuple(p for p in DEFAULT if p != "layer-region")
+        without = tuple(p for p in DEFAULT if p != REGION)
         trees = {"without": make_patched_tree(work / "without", parent, without)[0],
                  "with": make_patched_tree(work / "with", parent, DEFAULT)[0]}
         rows, reference = [], None

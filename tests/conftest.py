@@ -37,6 +37,40 @@ def upstream_bytes(key: str) -> bytes:
     return SAMPLE_BACKTEST if spec.base == "root" else (installed_toto_package().parent / spec.path).read_bytes()
 
 
+EARLIER_FINGERPRINT = "0" * 64  # the code_sha256 of no totopatch's patch
+EARLIER_NOTE = b"# written by an earlier totopatch"
+
+
+def make_outdated(root: Path, key: str) -> bool:
+    """Make target ``key`` of the project at ``root`` look patched by an earlier totopatch: its top patch wrote
+    one comment line more at the end, recorded under another fingerprint.  False (and nothing changed) where
+    the file is not recorded as it stands, or a run was interrupted."""
+    from dataclasses import replace
+
+    from totopatch.fsio import sha256
+    from totopatch.state import open_context
+    from totopatch.state_folder import StateFolder
+
+    folder = StateFolder(open_context(root))
+    loaded = folder.load()
+    target = folder.layout.target(key)
+    if loaded.interrupted or not target.path.is_file():
+        return False
+    data = target.path.read_bytes()
+    manifest = loaded.manifest
+    top = next((e for e in manifest.entries if (e.base, e.file) == (target.base, target.rel)
+                and e.after_sha256 == sha256(data) and e.before_sha256 != e.after_sha256 and not manifest.above(e)),
+               None)
+    if top is None:
+        return False
+    eol = b"\r\n" if b"\r\n" in data else b"\r" if b"\r" in data and b"\n" not in data else b"\n"
+    new = data + (b"" if not data or data.endswith((b"\n", b"\r")) else eol) + EARLIER_NOTE + eol
+    target.path.write_bytes(new)
+    earlier = replace(top, after_sha256=sha256(new), code_sha256=EARLIER_FINGERPRINT)
+    folder.record(replace(manifest, entries=tuple(earlier if e.key == top.key else e for e in manifest.entries)))
+    return True
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A user project: a nested Toto checkout copied from site-packages plus the sample backtest."""

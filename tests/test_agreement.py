@@ -7,6 +7,7 @@ and ``conflict`` exactly where revert refuses and writes nothing.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from hypothesis import Phase, assume, given, note, settings, strategies as st
 from hypothesis.control import currently_in_test_context
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, project_file
-from totopatch import engine
+from totopatch import engine, merge
 from totopatch.merge import three_way
 from totopatch.patches import PATCHES, beneath, by_id
 from totopatch.state import open_context
@@ -217,6 +218,42 @@ def test_an_edit_of_the_patched_text_is_a_conflict_for_status_and_revert(applied
     assert "conflict" in cli(root, "status", "sdpa-causal").stdout
     ran = cli(root, "revert", "sdpa-causal")
     assert ran.exit_code == 3 and "conflict" in ran.stdout and target.read_bytes() == edited
+
+
+def test_a_note_in_each_block_of_a_stack_is_a_conflict_for_both_at_once(project: Path, cli) -> None:
+    """The stateful test's example: a note on a line of each block of the forecaster's stack.  status says
+    conflict for both, at once (merging shared-prefill out through the block cuda-graphs left, by character,
+    took minutes), and revert refuses and writes nothing."""
+    assert cli(project, "apply").exit_code == 0
+    path = project / project_file("forecaster")
+    lines = path.read_text().splitlines(keepends=True)
+    for patch in ("shared-prefill", "cuda-graphs"):
+        begin = next(i for i, line in enumerate(lines) if line.startswith(f"# totopatch {patch}: begin"))
+        at = next(i for i in range(begin + 1, len(lines)) if re.match(r"\s*\w+ = \w", lines[i]))
+        lines[at] = lines[at].rstrip("\n") + "  " + MARK + "\n"
+    path.write_text("".join(lines))
+    edited = path.read_bytes()
+    status = cli(project, "--json", "status", "shared-prefill", "cuda-graphs")
+    assert {i["patch"]: i["state"] for i in json.loads(status.stdout)["items"]} == \
+        {"shared-prefill": "conflict", "cuda-graphs": "conflict"}, status.stdout
+    ran = cli(project, "revert", "shared-prefill", "cuda-graphs")
+    assert ran.exit_code == 3 and "conflict" in ran.stdout and path.read_bytes() == edited, ran.stdout
+
+
+def test_a_long_stretch_both_sides_changed_is_combined_by_line_only(monkeypatch) -> None:
+    """By character, difflib's cost grows as the product of the sides' lengths: only a few lines are combined so."""
+    longest: list[int] = []
+    edits = merge._edits
+    monkeypatch.setattr(merge, "_edits",
+                        lambda base, other, left: longest.append(len(base)) or edits(base, other, left))
+    block = "".join(f"    value_{i} = compute({i})\n" for i in range(200))
+    assert len(block) > merge.CHARACTERS
+    noted = block.replace("value_100 = compute(100)", "value_100 = compute(100)  " + MARK)
+    assert three_way(block, noted, "") is None  # a note in a block the other side takes out
+    assert longest and max(longest) <= len(merge.lines(noted))  # lines, never characters
+    short = "".join(f"    value_{i} = compute({i})\n" for i in range(3))
+    assert three_way(short, short.replace("(1)", "(1)  " + MARK), short.replace("compute", "fast")) == \
+        short.replace("compute", "fast").replace("(1)", "(1)  " + MARK)  # a few lines: by character
 
 
 def test_the_merge_keeps_every_byte_of_both_sides() -> None:

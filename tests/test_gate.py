@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import Phase, given, settings, strategies as st
 
-from conftest import SAMPLE_BACKTEST, installed_toto_package, project_file, upstream_bytes
+from conftest import SAMPLE_BACKTEST, installed_toto_package, make_outdated, project_file, upstream_bytes
 from totopatch import engine
 from totopatch.patches import PATCHES, beneath, by_id
 from totopatch.state import open_context
@@ -150,10 +150,12 @@ def _perturb(root: Path, step: str, patch: str) -> None:
         path.write_bytes(original)
     elif step == "pre-patched":  # patched by hand or by another tool, nothing recorded
         path.write_bytes(ref.load().rewrite(below, ref.options).source.encode())
+    elif step == "outdated":  # as an earlier totopatch left it (after an upgrade of totopatch)
+        make_outdated(root, key)
 
 
 STEPS = ("apply", "revert", "edit-outside", "edit-beside", "edit-spacing", "edit-inside", "lose-manifest",
-         "lose-backups", "change-backups", "original-back", "pre-patched")
+         "lose-backups", "change-backups", "original-back", "pre-patched", "outdated")
 
 
 def _with_beneath(ids: list[str]) -> list[str]:

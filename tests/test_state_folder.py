@@ -108,6 +108,33 @@ def test_a_kill_at_any_step_of_apply_then_an_edit_loses_nothing(project: Path, c
     assert not written or held_by_state(project, SAMPLE_BACKTEST)
 
 
+# A run that records files without writing them (a drifted file re-recorded as it stands): the file's hash
+# cannot tell how far it got, so its records must be taken whole or not at all, each with its backups.
+RECORDING = {"stack": (TRANSFORMER, ("spacewise-mask", "layer-region"), ("spacewise-mask",)),
+             "single": (Path("backtest_test3_inline.py"), (CM,), (CM,))}
+
+
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if not p.startswith("recover-")])
+@pytest.mark.parametrize("case", RECORDING)
+def test_a_re_record_killed_at_any_step_is_taken_whole_or_not_at_all(project: Path, cli, case: str,
+                                                                      point: str) -> None:
+    rel, applied, again = RECORDING[case]
+    original = (project / rel).read_bytes()
+    assert cli(project, "apply", *applied).exit_code == 0
+    (project / rel).write_bytes(b"# edited by the user\n" + (project / rel).read_bytes())
+    killed = totopatch(project, "apply", *again, TOTOPATCH_TEST_CRASH_AT=point)
+    assert killed.returncode in (0, -signal.SIGKILL) and "Traceback" not in killed.stderr, killed.stderr
+    status = cli(project, "status", *applied)
+    assert status.exit_code == 0 and "Traceback" not in status.stderr, status.stderr  # trusted, whatever it got to
+    ran = cli(project, "apply", *again)
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    assert cli(project, "status", "--check", *applied).exit_code == 0
+    assert cli(project, "verify", *applied).exit_code == 0
+    assert held_by_state(project, original)  # the original before the edit, kept aside
+    assert cli(project, "revert", *applied).exit_code == 0
+    assert (project / rel).read_bytes() == b"# edited by the user\n" + original
+
+
 @pytest.mark.parametrize("point", ["after-write", "before-manifest", "after-manifest", "mid-cleanup"])
 def test_a_kill_during_a_merging_revert_keeps_the_unedited_original(project: Path, cli, point: str) -> None:
     target = project / "backtest_test3_inline.py"
@@ -162,6 +189,16 @@ def test_a_journal_in_the_earlier_format_is_still_finished(project: Path, cli) -
     assert (project / "backtest_test3_inline.py").read_bytes() == SAMPLE_BACKTEST
 
 
+def test_a_journal_adding_a_result_that_is_neither_written_nor_held_is_untrusted(project: Path, cli) -> None:
+    """An add's result is its entry's after, or what the file held where the run records it without writing it."""
+    totopatch(project, "apply", CM, TOTOPATCH_TEST_CRASH_AT="before-manifest")
+    journal = project / ".totopatch" / "journal.json"
+    data = json.loads(journal.read_text())
+    data["items"][0]["result_sha256"] = "0" * 64
+    journal.write_text(json.dumps(data))
+    one_line_error(cli(project, "status"), 7, str(journal), "result is not its after_sha256")
+
+
 def test_a_backup_is_deleted_only_when_the_file_holds_its_bytes(project: Path, cli) -> None:
     """An apply killed before writing left a backup equal to the file: that one may go, and the run says so."""
     totopatch(project, "apply", CM, TOTOPATCH_TEST_CRASH_AT="after-backup")
@@ -195,6 +232,46 @@ def test_a_listed_backup_that_no_other_file_holds_is_kept_aside(project: Path, c
     assert ran.exit_code == 0, ran.stderr
     kept = state / "backups" / hashlib.sha256(lone).hexdigest()
     assert kept.read_bytes() == lone and str(kept.relative_to(project)) in ran.stdout
+
+
+@pytest.mark.parametrize("edited", [None, "forecaster", "transformer"])
+def test_a_full_revert_of_two_stacked_patches_keeps_only_true_originals(project: Path, cli,
+                                                                        edited: str | None) -> None:
+    """shared-prefill under cuda-graphs, spacewise-mask under layer-region: the upper patch's backup is the lower
+    patch's output, made again from the original, so revert never keeps it nor calls it an original."""
+    files = {"forecaster": Path("toto/toto/inference/forecaster.py"), "transformer": TRANSFORMER}
+    originals = {name: (project / rel).read_bytes() for name, rel in files.items()}
+    assert cli(project, "apply").exit_code == 0 and cli(project, "apply", "layer-region").exit_code == 0
+    if edited:
+        path = project / files[edited]
+        path.write_bytes(path.read_bytes() + b"\n# the user's note\n")
+    ran = cli(project, "revert")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    kept = sorted((project / ".totopatch" / "backups").glob("*")) if (project / ".totopatch" / "backups").is_dir() \
+        else []
+    if edited is None:
+        assert kept == [] and "kept" not in ran.stdout, ran.stdout
+    else:
+        # the one original of the edited file, whose bytes no file holds now; the note names that file
+        assert [p.read_bytes() for p in kept] == [originals[edited]], ran.stdout
+        assert ran.stdout.count("kept the unpatched original of") == 1 and files[edited].name in ran.stdout
+    for name, rel in files.items():
+        if name != edited:
+            assert (project / rel).read_bytes() == originals[name]
+
+
+def test_an_upper_backup_whose_original_is_lost_is_kept_and_named_for_what_it_is(project: Path, cli) -> None:
+    """Where the lower patch's original is gone too, the upper backup is the one copy left: kept, and its note
+    says it is the lower patch's output, not an unpatched original."""
+    assert cli(project, "apply", "spacewise-mask", "layer-region").exit_code == 0
+    (project / (str(TRANSFORMER) + ".backup")).unlink()  # spacewise-mask's original, lost
+    (project / TRANSFORMER).write_bytes((project / TRANSFORMER).read_bytes() + b"\n# the user's note\n")
+    ran = cli(project, "revert", "layer-region")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    assert "unpatched original" not in ran.stdout
+    assert "as spacewise-mask left it, which layer-region was applied to" in ran.stdout, ran.stdout
+    (kept,) = (project / ".totopatch" / "backups").iterdir()
+    assert b"# the user's note" not in kept.read_bytes() and str(kept.relative_to(project)) in ran.stdout
 
 
 # ---------------------------------------------------------------- what the state folder accepts

@@ -27,6 +27,7 @@ from .layout import Layout, LayoutError, installed_toto, locate, state_dir_for, 
 from .patches import PATCHES
 from .spec import PatchRef
 from .state import recorded_root, with_recorded_backtest
+from .update import fresh, held
 
 OK, PROBLEM, STATE = 0, 1, 7  # exit codes; STATE as everywhere: the manifest cannot be trusted
 
@@ -55,7 +56,7 @@ class Toto:
 class TargetState:
     target: str
     file: str
-    state: str  # applied, not-recorded, replaced, changed-since-apply, missing or not-present
+    state: str  # applied, outdated, not-recorded, replaced, changed-since-apply, missing or not-present
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def examine(root: Path | None, installed: bool, backtest: Path | None, state_dir
     problems = [untrusted] if untrusted else []
     imported = installed_toto()
     patches = [_patch(layout, manifest, ref) for ref in PATCHES] if layout else []
-    live = {p.patch: _options(manifest, p.patch) for p in patches if p.state == "applied"}
+    live = {p.patch: _options(manifest, p.patch) for p in patches if p.state in ("applied", "outdated")}
     found = environment.read(env, PATCHES, live)
     toto = _toto(layout, where, imported, manifest, problems)
     doctor = Doctor(_python(), probe_torch(), toto, patches, found, compile_cache(env),
@@ -196,7 +197,8 @@ def _target(layout: Layout, manifest: mf.Manifest, ref: PatchRef, key: str) -> T
     if entry is None:
         state = "not-recorded"
     elif current in (entry.after_sha256, manifest.top_sha256(entry)):  # or with later patches stacked on it
-        state = "applied"
+        chain = held(manifest, entry, current)
+        state = "applied" if chain is None or fresh(chain) else "outdated"  # by the fingerprints alone
     elif current == manifest.original_sha256(entry):
         state = "replaced"
     else:
@@ -227,6 +229,7 @@ def _user() -> str:
 
 STATE_WORDS = {
     "applied": "applied",
+    "outdated": "applied by another totopatch version (`totopatch apply` updates it where this one differs)",
     "not-recorded": "not applied by totopatch (`totopatch status` inspects the file)",
     "replaced": "recorded, but the file is the original again (reinstalled?)",
     "changed-since-apply": "edited since apply (`totopatch status` says whether it still holds)",

@@ -52,7 +52,8 @@ def revert(ctx: Context, refs: list[PatchRef], *, dry_run: bool = False, force: 
         if not entries:
             report.notes.append("nothing to revert: no recorded change for " + ", ".join(sorted(ids)))
             if kept := StateFolder(ctx).kept(manifest):
-                report.notes.append("originals kept aside (each named by its sha256): "
+                report.notes.append("copies kept aside in the state folder (each named by its sha256; the run "
+                                    "that kept one said what it holds): "
                                     + ", ".join(ctx.layout.display(p) for p in kept))
         return plan_revert(ctx, report, manifest, entries, force)
 

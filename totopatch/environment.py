@@ -41,7 +41,7 @@ OVERRIDDEN_BY = {"compile_mode": MODE_VARIABLES, "sampling": (SAMPLING_VARIABLE,
 SAMPLING_PATCH = "shared-prefill"
 FALLBACK_SAMPLING = "exact"  # what the forecaster does with a value it does not recognise
 GRAPHS_PATCH = "cuda-graphs"
-IN_EFFECT_STATES = ("applied", "drifted", "applied-unrecorded")  # the patched code is in the file
+IN_EFFECT_STATES = ("applied", "outdated", "drifted", "applied-unrecorded")  # the patched code is in the file
 _FLAG_VALUES = "/".join(TRUE_VALUES) + " or " + "/".join(FALSE_VALUES)
 
 

@@ -49,6 +49,9 @@ class Entry:
     applied_at: str = ""
     legacy_sha256: str | None = None
     legacy_backup: str | None = None
+    # sha256 of the code of the patch that wrote after_sha256 (``patches.code_sha256``); None in manifests
+    # written before this field: status then runs the patch to tell whether the file is outdated
+    code_sha256: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -82,6 +85,10 @@ class Manifest:
     def below(self, entry: Entry) -> tuple[Entry, ...]:
         """The entries ``entry``'s patch was applied on top of in the same file, nearest first."""
         return self._chain(entry, lambda e, at: e.after_sha256 == at.before_sha256)
+
+    def stack(self, entry: Entry) -> tuple[Entry, ...]:
+        """``entry``'s stack in its file, bottom first: the patches beneath it, it, and those on top of it."""
+        return tuple(reversed(self.below(entry))) + (entry,) + self.above(entry)
 
     def top_sha256(self, entry: Entry) -> str:
         """The file's hash with ``entry``'s patch and every patch stacked on it applied."""
@@ -268,7 +275,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "patch": (str,), "base": (str,), "file": (str,), "before_sha256": (str,), "after_sha256": (str,),
     "backup_base": (str,), "backup": (str,), "backup_sha256": (str,), "backup_created": (bool,),
     "options": (dict,), "totopatch_version": (str,), "toto_version": (str, type(None)), "applied_at": (str,),
-    "legacy_sha256": (str, type(None)), "legacy_backup": (str, type(None)),
+    "legacy_sha256": (str, type(None)), "legacy_backup": (str, type(None)), "code_sha256": (str, type(None)),
 }
 
 
@@ -285,7 +292,7 @@ def _entry(raw: object, where: str) -> Entry:
         if not isinstance(getattr(entry, field_name), types):
             raise StateError(f"{where}: {name} has a bad {field_name} (expected "
                              f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)})")
-    for field_name in ("before_sha256", "after_sha256", "backup_sha256", "legacy_sha256"):
+    for field_name in ("before_sha256", "after_sha256", "backup_sha256", "legacy_sha256", "code_sha256"):
         value = getattr(entry, field_name)
         if value is not None and not _SHA.match(value):
             raise StateError(f"{where}: {name} has a bad {field_name}")
@@ -365,7 +372,9 @@ def load_journal(path: Path) -> Journal:
     if any(h is not None and not (isinstance(h, str) and _SHA.match(h))
            for i in out for h in (i.result_sha256, i.from_sha256)):
         raise StateError(f"{path}: journal has a bad result_sha256 or from_sha256")
-    if any(i.op == "add" and i.result_sha256 != i.entry.after_sha256 for i in out):
+    # An add's file hashes to its result once done: the entry's after, or, where the run records the entry without
+    # writing the file (a drifted stack recorded as it stands), what the file already held: the top of the stack.
+    if any(i.op == "add" and i.result_sha256 not in (i.entry.after_sha256, i.from_sha256) for i in out):
         raise StateError(f"{path}: journal adds an entry whose result is not its after_sha256; "
                          "move it aside, then `totopatch status` shows each file's state")
     if any(base not in BASES for base, _ in dropped):

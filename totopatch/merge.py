@@ -103,16 +103,24 @@ def _matching_blocks(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int,
     return out
 
 
+# The longest stretch whose edits are combined by character: a few lines, as a comment typed on a patched line
+# needs.  difflib's cost grows as the product of the two sides' lengths (10,000 characters took seconds, a
+# patch's whole block minutes), so a longer stretch is combined by line only, and is otherwise a conflict.
+CHARACTERS = 2_000
+
+
 def _touching(base: str, ours: str, theirs: str) -> str | None:
     """Both sides changed the same or neighbouring lines: combine their edits where none overlaps.
 
     Edits that only touch combine: a line added right after a line the patch changed, a comment typed at
     the end of it, a line ending changed beside it.  An insertion at the edge of the other side's edit
-    goes on its outer side.  Lines are tried first, then characters; an edit within a run of equal items
-    (a blank line added beside the patch's blank lines) may sit anywhere in that run, so it is tried at
-    both ends.  Edits that overlap however they are placed are a conflict.
+    goes on its outer side.  Lines are tried first, then characters (in a stretch of at most ``CHARACTERS``
+    on each side); an edit within a run of equal items (a blank line added beside the patch's blank lines)
+    may sit anywhere in that run, so it is tried at both ends.  Edits that overlap however they are placed
+    are a conflict.
     """
-    for split in (_pieces, list):
+    short = max(len(base), len(ours), len(theirs)) <= CHARACTERS
+    for split in (_pieces, list) if short else (_pieces,):
         pieces = split(base), split(ours), split(theirs)
         for ours_left, theirs_left in ((True, True), (False, False), (True, False), (False, True)):
             edits = _edits(pieces[0], pieces[1], ours_left) + _edits(pieces[0], pieces[2], theirs_left)

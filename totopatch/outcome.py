@@ -23,6 +23,7 @@ class State(str, Enum):
 
     NOT_APPLIED = "not-applied"
     APPLIED = "applied"
+    OUTDATED = "outdated"  # applied by an earlier totopatch: the file holds another version of the patch
     DRIFTED = "drifted"
     CONFLICT = "conflict"
     LEGACY = "legacy"
@@ -34,10 +35,12 @@ class State(str, Enum):
     UNPROVEN = "unproven"
     ALREADY_APPLIED = "already-applied"
     RECORDED = "recorded"
+    UPDATED = "updated"  # an outdated file rebuilt from its original with this totopatch's patches
     REVERTED = "reverted"
     FORGOTTEN = "forgotten"
     SKIPPED = "skipped"
     WOULD_APPLY = "would-apply"
+    WOULD_UPDATE = "would-update"
     WOULD_REVERT = "would-revert"
     WOULD_FORGET = "would-forget"
 
@@ -47,8 +50,8 @@ class State(str, Enum):
 
 GOOD_STATES = (State.APPLIED, State.NOT_PRESENT)
 REFUSING_STATES = (State.CONFLICT, State.LEGACY, State.MISSING, State.REFUSED)
-WRITING_STATES = (State.APPLIED, State.RECORDED, State.REVERTED, State.FORGOTTEN)
-DRY_STATES = {State.APPLIED: State.WOULD_APPLY, State.RECORDED: State.WOULD_APPLY,
+WRITING_STATES = (State.APPLIED, State.RECORDED, State.UPDATED, State.REVERTED, State.FORGOTTEN)
+DRY_STATES = {State.APPLIED: State.WOULD_APPLY, State.RECORDED: State.WOULD_APPLY, State.UPDATED: State.WOULD_UPDATE,
               State.REVERTED: State.WOULD_REVERT, State.FORGOTTEN: State.WOULD_FORGET}
 
 

@@ -11,21 +11,28 @@ from .fsio import sha256
 from .layout import Target, toto_version
 from .merge import unified
 from .outcome import REFUSING_STATES, Abort, Code, Item, Report, State
-from .reading import read, text
+from .patches import by_id, code_sha256
+from .reading import diff, read, text
 from .spec import Patch, PatchRef, Refusal, Rewrite
 from .state import Context
 from .status import Finding, classify, effective_options, options_text, targets
 from .textio import SourceError, check_syntax
 from .transaction import Change
-from .undo import How, backup_path, unstack, verified_backup
+from .undo import How, backup_path, options as recorded_options, unstack, verified_backup
+from .update import Rebuilt
 
 
 def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRef], given: Mapping[str, str],
          adopt_legacy: bool) -> list[Change]:
     pending: dict[Path, bytes] = {}  # what each file will hold once earlier patches in this run are written
     changes: list[Change] = []
+    updated: dict[tuple[str, str, str], str] = {}  # entries a stack's update rewrote -> the patch whose row did
     for ref in refs:
         for target in targets(ctx, ref):
+            if (by := updated.get((ref.id, target.base, target.rel))) is not None:
+                report.items.append(replace(_item(ctx, ref, target), state=State.UPDATED,
+                                            detail=f"updated with {by}, in the same file"))
+                continue
             item, planned = _plan_one(ctx, manifest, ref, target, pending, given, adopt_legacy)
             report.items.append(item)
             for change in planned:
@@ -34,6 +41,8 @@ def plan(ctx: Context, report: Report, manifest: mf.Manifest, refs: list[PatchRe
                     pending[target.path] = change.new
                 if change.journal is not None and change.new == change.old:  # recorded as it stands:
                     manifest = manifest.with_entry(change.journal.entry)  # later patches of the run see it
+                if item.state == State.UPDATED and change.journal is not None:
+                    updated[change.journal.entry.key] = ref.id
     return _keep_used_backups(ctx, manifest, changes)
 
 
@@ -67,14 +76,21 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
             # stacked on a patch planned in this run: the disk says whether the file was replaced since
             on_disk = classify(ctx, manifest, ref, target, options, read(target.path))
             found = on_disk if on_disk.state == State.REPLACED else found
-        if found.state == State.DRIFTED and entry is not None:
+        if found.state in (State.DRIFTED, State.OUTDATED) and entry is not None:
             if (recorded := effective_options(ref, entry)) != options:
                 return replace(item, state=State.REFUSED, detail=f"applied with {options_text(recorded)}; "
                                "revert it first to apply other options"), []
+            if found.state == State.OUTDATED:
+                assert found.rebuilt is not None and found.data is not None
+                return _update(ctx, target, item, found.rebuilt, found.data)
             return _rerecord(ctx, manifest, ref, target, found, pending)
         if found.state == State.APPLIED and entry is not None and found.data is not None \
                 and effective_options(ref, entry) == options and (problem := _backup_problem(ctx, entry)):
             return _listed(*_rebacked(ctx, manifest, ref, target, item, entry, found.data, options, problem))
+        if found.state == State.APPLIED and found.rebuilt is not None and found.data is not None:
+            item, _ = _act(ctx, ref, target, item, found, options, adopt_legacy, pending)  # as this totopatch
+            done = item.state == State.ALREADY_APPLIED  # writes it, under another fingerprint: record this one
+            return item, _fingerprinted(target, found.rebuilt, found.data) if done else []
         if found.state != State.REPLACED:
             return _listed(*_act(ctx, ref, target, item, found, options, adopt_legacy, pending))
         item, change = _act(ctx, ref, target, item, classify(ctx, manifest, ref, target, options, data,
@@ -118,7 +134,8 @@ def _rerecord(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
         rebased = replace(entry, before_sha256=sha256(undo.result), after_sha256=sha256(holds),
                           backup_base=backup_base, backup=backup_rel, backup_sha256=sha256(undo.result),
                           backup_created=create, totopatch_version=__version__, applied_at=stamp,
-                          toto_version=toto_version(ctx.layout.toto_parent) if target.base == "toto" else None)
+                          toto_version=toto_version(ctx.layout.toto_parent) if target.base == "toto" else None,
+                          code_sha256=_fingerprint(entry.patch))  # merge_out proved this version's patch
         first, remove = keep_aside(ctx, entry)
         if create:
             first += ((ctx.layout.resolve(backup_base, backup_rel), undo.result),)
@@ -144,8 +161,8 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
                            "revert it first to apply other options"), None
         return replace(item, state=State.ALREADY_APPLIED), None
     if state == State.CONFLICT and entry is not None:
-        return replace(item, state=State.CONFLICT, detail="recorded as applied, but the patched region was edited "
-                       "since; see `totopatch status`, or revert --force"), None
+        return replace(item, state=State.CONFLICT, detail=found.detail if found.outdated else "recorded as applied, "
+                       "but the patched region was edited since; see `totopatch status`, or revert --force"), None
     if state == State.LEGACY:
         patch = ref.load()
         if not adopt_legacy or patch.adopt_legacy is None:
@@ -336,7 +353,9 @@ def _rebacked(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
                        f"patch stacked on it ({exc}); revert --force of both restores what can be"), None
     change = _change(ctx, ref.id, target, holds, holds, options, None, {})
     assert change.journal is not None
-    change = replace(change, old=data, new=data, journal=replace(change.journal, result_sha256=sha256(data)))
+    found_entry = replace(change.journal.entry, code_sha256=entry.code_sha256)  # what wrote it is unchanged
+    change = replace(change, old=data, new=data, journal=replace(change.journal, entry=found_entry,
+                                                                 result_sha256=sha256(data)))
     return replace(item, state=State.RECORDED, detail=f"its backup {shown} {problem}, and no copy of the original "
                    f"(sha256 {entry.before_sha256[:12]}) is left: recorded as found, so revert leaves this file "
                    "as it is"), change
@@ -363,6 +382,7 @@ def _change(ctx: Context, patch_id: str, target: Target, before: bytes, after: b
         toto_version=toto_version(ctx.layout.toto_parent) if target.base == "toto" else None,
         applied_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         legacy_sha256=sha256(legacy) if legacy is not None else None, legacy_backup=legacy_rel,
+        code_sha256=_fingerprint(patch_id),
     )
     first: list[tuple[Path, bytes]] = []
     if legacy is not None and legacy_rel:
@@ -384,3 +404,58 @@ def _backup_place(ctx: Context, target: Target, before: bytes, pending: dict[Pat
             return target.base, target.rel + ".backup", False
     rel = f"backups/{sha256(before)}"
     return "state", rel, read(ctx.layout.state_dir / rel) != before
+
+
+def _fingerprint(patch_id: str) -> str | None:
+    ref = by_id(patch_id)
+    return code_sha256(ref) if ref is not None else None
+
+
+def _update(ctx: Context, target: Target, item: Item, rebuilt: Rebuilt, data: bytes) -> tuple[Item, list[Change]]:
+    """Write an outdated file as this totopatch writes it: every recorded patch of its stack applied again, in
+    order, to the verified original, with the recorded options.
+
+    The bottom entry keeps its original and backup; an entry above it is now applied to the new output beneath
+    it, which becomes its backup (in ``<state>/backups/``), and its old backup, what an earlier version wrote,
+    is cleared (``StateFolder`` deletes it: a recorded patch's output on a kept original).
+    """
+    if rebuilt.problem:
+        return replace(item, state=State.CONFLICT, detail=rebuilt.detail(rebuilt.chain[-1])), []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    new_entries, keep, drop = [], [], []
+    for index, (entry, before, after) in enumerate(zip(rebuilt.chain, rebuilt.inputs, rebuilt.outputs)):
+        ref = by_id(entry.patch)
+        assert ref is not None
+        _check_output(ref.load(), target, text(target.path, after)[0], recorded_options(entry))
+        fields: dict[str, object] = {}
+        if index:  # applied on the new output beneath it: that is its original now
+            base, rel, create = _backup_place(ctx, target, before, {target.path: after})
+            if create:
+                keep.append((ctx.layout.resolve(base, rel), before))
+            if entry.backup_created and (entry.backup_base, entry.backup) != (base, rel):
+                drop.append(backup_path(ctx, entry))
+            same = (entry.backup_base, entry.backup) == (base, rel)
+            fields = {"backup_base": base, "backup": rel, "backup_sha256": sha256(before),
+                      "backup_created": create or (same and entry.backup_created)}
+        new_entries.append(replace(entry, before_sha256=sha256(before), after_sha256=sha256(after),
+                                   code_sha256=code_sha256(ref), totopatch_version=__version__, applied_at=stamp,
+                                   **fields))  # type: ignore[arg-type]
+    final = rebuilt.outputs[-1]
+    # The earlier records go once the file holds the new stack: a run killed on the way still knows what they
+    # recorded, so the earlier version's output beneath a patch is cleared as a recorded patch's output.
+    changes = [Change(target.path, data, data, mf.JournalItem("remove", e, sha256(final))) for e in rebuilt.chain]
+    changes += [Change(target.path, data, final, mf.JournalItem("add", new_entries[0], new_entries[0].after_sha256),
+                       tuple(keep))]
+    changes += [Change(target.path, final, final, mf.JournalItem("add", e, e.after_sha256)) for e in new_entries[1:]]
+    changes[-1] = replace(changes[-1], remove_after=tuple(drop))
+    others = [e.patch for e in rebuilt.chain if e.patch != item.patch]
+    stacked = f", with {', '.join(others)} in the same file" if others else ""
+    return replace(item, state=State.UPDATED, detail=f"written again from the original by this totopatch{stacked}",
+                   diff=diff(target.path, data, final, item.file)), changes
+
+
+def _fingerprinted(target: Target, rebuilt: Rebuilt, data: bytes) -> list[Change]:
+    """Record this totopatch's fingerprint in entries whose patch, as this version writes it, gives the same bytes."""
+    return [Change(target.path, data, data, mf.JournalItem("add", replace(e, code_sha256=code_sha256(ref)),
+                                                            e.after_sha256))
+            for e in rebuilt.chain if (ref := by_id(e.patch)) is not None and e.code_sha256 != code_sha256(ref)]

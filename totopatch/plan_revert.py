@@ -98,8 +98,8 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, entry: mf.Entry, pending: dic
     change_diff = diff(path, expected_after(ctx, entry, before) or before, data, item.file)
     unknown = "" if by_id(entry.patch) else f"recorded by patch {entry.patch}, which this totopatch does not know; "
     if not force:
-        return replace(item, state=State.CONFLICT, detail=f"{unknown}{undo.detail}; "
-                       "revert --force restores the original and saves your version aside", diff=change_diff), None
+        then = "" if undo.outdated else "; revert --force restores the original and saves your version aside"
+        return replace(item, state=State.CONFLICT, detail=f"{unknown}{undo.detail}{then}", diff=change_diff), None
     current = sha256(data)
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     aside = ctx.layout.state_dir / "saved" / f"{Path(entry.file).name}.{stamp}.{current[:12]}"

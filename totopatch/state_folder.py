@@ -5,7 +5,7 @@ Like quilt's ``.pc`` or git's index, ``<state>/`` holds what totopatch knows::
     manifest.json     what is applied, with hashes (``manifest``)
     journal.json      a run under way: the entries it completes; once recorded, the backups it no longer needs
     lock              flock'ed by the run that writes
-    backups/<sha256>  originals kept by content: backups, and copies kept aside
+    backups/<sha256>  files kept by content: backups, and copies kept aside
     saved/<name>      the user's versions that ``revert --force`` replaced
 
 A writing run goes ``begin`` (journal) -> ``keep`` (backups) -> the target writes (``transaction``) ->
@@ -13,10 +13,12 @@ A writing run goes ``begin`` (journal) -> ``keep`` (backups) -> the target write
 anywhere in between is finished by the next one's ``recover``, and read in memory by ``load``, with one
 replay rule for both.
 
-The invariant this module holds: a file holding a file's original bytes (a backup, a copy kept aside) is
-deleted only when those bytes are provably held by another file (the target itself, a backup the manifest
-records, or ``<state>/backups/<sha256>``).  Otherwise it is kept in ``<state>/backups/<sha256>`` and the
-run says where.  ``<state>/backups/`` and ``<state>/saved/`` keep whatever no entry records.
+The invariant this module holds: a backup or a copy kept aside is deleted only when its bytes are provably
+held by another file (the target itself, a backup the manifest records, or ``<state>/backups/<sha256>``), or
+are a recorded patch's output on bytes so held (a patch stacked on another has that one's output as its
+backup: it is made again from the original, never an original itself).  Otherwise it is kept in
+``<state>/backups/<sha256>`` and the run says where.  ``<state>/backups/`` and ``<state>/saved/`` keep
+whatever no entry records.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ class StateFolder:
         k happened; holding what it held before the run, none.  A file edited since: an ``add`` happened
         unless the backup it writes first is missing or the patch's change is provably not in the file
         (``_unpatched``); a ``remove`` only on that proof.  So a change written and then edited stays
-        recorded (status shows it, revert can act on it), and a record is dropped only on proof.
+        recorded (status shows it, revert can act on it), and a record is dropped only on proof.  Changes that
+        record a file without writing it are taken whole or not at all, each with its backups (``_whole``).
         """
         items = list(items)
         by_file: dict[Path, list[int]] = {}
@@ -94,6 +97,29 @@ class StateFolder:
         return manifest
 
     def _happened(self, path: Path, group: list[mf.JournalItem]) -> list[bool]:
+        return self._whole(group, self._by_the_file(path, group))
+
+    def _whole(self, group: list[mf.JournalItem], flags: list[bool]) -> list[bool]:
+        """Items that record the file without writing it (a drifted stack recorded as it stands, a patch found in
+        the file) happened together or not at all, and only with the backups they write first: the file's bytes
+        prove none of them, and half of them would record half a stack.  A later item the file proves happened
+        proves them too."""
+        out, start = list(flags), 0
+        while start < len(group):
+            end = start
+            while end < len(group) and group[end].result_sha256 == group[end].from_sha256:
+                end += 1
+            if end == start:
+                start += 1
+                continue
+            run = group[start:end]
+            done = all(out[start:end]) and all(i.op != "add" or not i.entry.backup_created
+                                               or self._backed_up(i.entry) for i in run)
+            out[start:end] = [done or any(out[end:])] * len(run)
+            start = end
+        return out
+
+    def _by_the_file(self, path: Path, group: list[mf.JournalItem]) -> list[bool]:
         try:
             data, readable = read(path), True
         except Abort:
@@ -191,10 +217,15 @@ class StateFolder:
         """Drop the journal of a run whose files were all rolled back."""
         self.ctx.journal_path.unlink(missing_ok=True)
 
-    def finish(self, manifest: mf.Manifest, journal: mf.Journal, report: Report) -> None:
-        """After ``record``: clear the backups the run no longer needs, then drop the journal."""
+    def finish(self, manifest: mf.Manifest, journal: mf.Journal, report: Report,
+               earlier: Iterable[mf.Entry] = ()) -> None:
+        """After ``record``: clear the backups the run no longer needs, then drop the journal.
+
+        ``earlier`` are the entries the manifest held before the run: what their patches made is not an original.
+        """
         crash_point("after-manifest")
-        self._clear(manifest, journal.discard, report, "mid-cleanup", quiet=True, owners=journal.items)
+        self._clear(manifest, journal.discard, report, "mid-cleanup", quiet=True,
+                    owners=[*journal.items, *(mf.JournalItem("remove", e, None) for e in earlier)])
 
     # ------------------------------------------------------------ recovery
 
@@ -255,25 +286,53 @@ class StateFolder:
         whose = next((self.layout.display(self.layout.resolve(e.base, e.file)) for e in entries
                       if self.layout.resolve(e.backup_base, e.backup) == path), None)
         holder = self._holder(digest, path, manifest, entries)
-        if holder is not None:
+        made = None if holder is not None else self._made_by(digest, path, manifest, entries, set())
+        if holder is not None or made is not None:
             path.unlink()
             if not quiet:
+                held = f"{self.layout.display(holder)} holds the same bytes" if holder is not None else \
+                    f"they are what {made[0].patch} makes of {self.layout.display(made[1])}"  # type: ignore[index]
                 report.notes.append(f"removed {self.layout.display(path)}, a backup made by an interrupted run; "
-                                    f"{self.layout.display(holder)} holds the same bytes")
+                                    f"{held}")
             return
         kept = self.backups / digest
         if kept != path:
             self.keep(kept, data)
             path.unlink()
-        if whose:
+        owner = next((e for e in entries if self.layout.resolve(e.backup_base, e.backup) == path), None)
+        lower = next((e for e in entries if owner is not None and e.after_sha256 == owner.before_sha256
+                      and e.before_sha256 != e.after_sha256), None)
+        if owner is not None and lower is not None:
+            report.notes.append(f"kept {whose} as {lower.patch} left it, which {owner.patch} was applied to, as "
+                                f"{self.layout.display(kept)}: no other file holds those bytes, nor the original "
+                                f"{lower.patch} made them from")
+        elif whose:
             report.notes.append(f"kept the unpatched original of {whose} as {self.layout.display(kept)}: "
                                 "the file has changed since, and no other file holds those bytes")
-        else:
+        elif kept != path:
             report.notes.append(f"kept {self.layout.display(path)} as {self.layout.display(kept)}: "
                                 "no other file holds those bytes")
+        else:
+            report.notes.append(f"kept {self.layout.display(kept)}: no other file holds those bytes")
+
+    def _made_by(self, digest: str, not_at: Path, manifest: mf.Manifest, entries: list[mf.Entry],
+                 seen: set[str]) -> tuple[mf.Entry, Path] | None:
+        """A recorded patch whose output hashes to ``digest``, and a file other than ``not_at`` holding what it
+        was applied to (directly, or as the output of a recorded patch beneath it); None where there is none."""
+        seen = seen | {digest}
+        for entry in entries:
+            if entry.after_sha256 != digest or entry.before_sha256 == entry.after_sha256 \
+                    or entry.before_sha256 in seen:
+                continue
+            holder = self._holder(entry.before_sha256, not_at, manifest, entries)
+            if holder is None and (beneath := self._made_by(entry.before_sha256, not_at, manifest, entries, seen)):
+                holder = beneath[1]
+            if holder is not None:
+                return entry, holder
+        return None
 
     def kept(self, manifest: mf.Manifest) -> list[Path]:
-        """Files of ``<state>/backups/`` that no entry records: originals kept aside, for the user to take."""
+        """Files of ``<state>/backups/`` that no entry records: copies kept aside, for the user to take."""
         if not self.backups.is_dir():
             return []
         recorded = self._recorded_backups(manifest)
@@ -288,6 +347,7 @@ class StateFolder:
         """A file other than ``not_at`` that holds bytes hashing to ``digest``: kept, recorded, or a target."""
         candidates = [self.backups / digest, *sorted(self._recorded_backups(manifest))]
         candidates += [self.layout.resolve(e.base, e.file) for e in entries]
+        candidates += [self.layout.resolve(e.backup_base, e.backup) for e in entries]  # each read as it is now
         candidates += [self.layout.target(key).path for key in TARGETS]
         for path in dict.fromkeys(candidates):
             if path != not_at and (data := _read_quietly(path)) is not None and sha256(data) == digest:

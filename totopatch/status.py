@@ -14,6 +14,7 @@ from .spec import LegacyPatched, NeedsBase, PatchRef, Refusal, Rewrite
 from .state import Context, load
 from .textio import SourceError, check_syntax
 from .undo import How, replaced, take_out_stack, verified_backup
+from .update import Rebuilt, check as check_update
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Finding:
     entry: mf.Entry | None = None
     rewritten: Rewrite | None = None  # the patch's output, where it ran without refusing
     refusal: Refusal | None = None
+    rebuilt: Rebuilt | None = None  # the file's stack rebuilt from its original, where a fingerprint was not current
+    outdated: bool = False  # a conflict: edited since an earlier totopatch applied it
 
 
 def targets(ctx: Context, ref: PatchRef) -> Iterator[Target]:
@@ -46,7 +49,9 @@ def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target,
     """Decide the state; only a file that does not match its manifest entry loads the patch (and LibCST).
 
     A recorded file edited since apply is ``drifted`` exactly where revert merges the patch out keeping the
-    edits (``undo.take_out``), else ``conflict``: status and revert decide from the same merge.
+    edits (``undo.take_out``), else ``conflict``: status and revert decide from the same merge.  A recorded
+    file as recorded is ``applied``, or ``outdated`` where its stack was written by an earlier totopatch and
+    this one writes other bytes (``update.check``; runs the patches only where a fingerprint is not current).
     """
     entry = None if ignore_entry else manifest.find(ref.id, target.base, target.rel)
     if data is None:
@@ -57,12 +62,16 @@ def classify(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target,
             return Finding(State.NOT_PRESENT, "optional target absent")
         return Finding(State.MISSING, "required target file is missing")
     current = sha256(data)
-    if entry is not None and current == entry.after_sha256:
-        found = "recorded as found: revert leaves it as it is" if entry.before_sha256 == entry.after_sha256 else ""
-        return Finding(State.APPLIED, ", ".join(filter(None, (options_text(entry.options), found))), data, entry)
-    if entry is not None and current == manifest.top_sha256(entry):  # with later patches stacked on it
-        under = "under " + ", ".join(e.patch for e in manifest.above(entry))
-        return Finding(State.APPLIED, ", ".join(filter(None, (options_text(entry.options), under))), data, entry)
+    if entry is not None and current in (entry.after_sha256, manifest.top_sha256(entry)):
+        if current == entry.after_sha256:
+            found = "recorded as found: revert leaves it as it is" if entry.before_sha256 == entry.after_sha256 else ""
+        else:  # with later patches stacked on it
+            found = "under " + ", ".join(e.patch for e in manifest.above(entry))
+        rebuilt = check_update(ctx, manifest, entry, current)
+        if rebuilt is not None and rebuilt.outdated:
+            return Finding(State.OUTDATED, rebuilt.detail(entry), data, entry, rebuilt=rebuilt)
+        return Finding(State.APPLIED, ", ".join(filter(None, (options_text(entry.options), found))), data, entry,
+                       rebuilt=rebuilt)
     if entry is not None and (why := replaced(ctx, entry, current, manifest)):
         return Finding(State.REPLACED, why, data, entry)
     if entry is not None:
@@ -97,6 +106,8 @@ def _edited(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, 
         return Finding(State.DRIFTED, "applied, with later edits that revert keeps", data, entry)
     if undo.how in (How.ORIGINAL, How.FORGET):  # reached only through the patches stacked on it
         return Finding(State.REPLACED, undo.detail, data, entry)
+    if undo.outdated:  # no record of what the earlier version wrote: nothing to merge the edits against
+        return Finding(State.CONFLICT, undo.detail, data, entry, outdated=True)
     source, _ = text(target.path, data)
     try:
         ref.load().rewrite(source, options)
@@ -195,7 +206,7 @@ def _holds_a_patch(ctx: Context, manifest: mf.Manifest, items: list[Item]) -> bo
     """Whether a recorded patch is in the Toto tree now: from the rows shown, else from the files' hashes."""
     shown = [i for i in items if i.target in TARGETS and TARGETS[i.target].base == "toto"]
     if shown:
-        return any(i.state in (State.APPLIED, State.DRIFTED) for i in shown)
+        return any(i.state in (State.APPLIED, State.OUTDATED, State.DRIFTED) for i in shown)
     for entry in manifest.entries:
         data = read(ctx.layout.resolve(entry.base, entry.file)) if entry.base == "toto" else None
         if data is not None and sha256(data) in (entry.after_sha256, manifest.top_sha256(entry)):

@@ -139,6 +139,7 @@ def _commit(folder: StateFolder, report: Report, changes: list[Change], manifest
     items = [replace(c.journal, from_sha256=None if c.old is None else sha256(c.old))
              for c in changes if c.journal is not None]
     linked = [c.path for c in changes if c.writes and is_hardlinked(c.path)]
+    earlier = manifest.entries
     undo: list[tuple[Path, bytes | None]] = []
     try:
         journal = folder.begin(items, dict.fromkeys(p for c in changes for p in c.remove_after))
@@ -154,7 +155,7 @@ def _commit(folder: StateFolder, report: Report, changes: list[Change], manifest
         if not isinstance(exc, Exception):
             raise
         raise Abort(*_io_failure(exc)) from None
-    folder.finish(manifest, journal, report)
+    folder.finish(manifest, journal, report, earlier)
     for change in changes:
         if change.writes:
             clear_bytecode(change.path)

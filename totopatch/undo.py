@@ -16,7 +16,7 @@ from .fsio import sha256
 from .layout import installed_as, toto_version
 from .merge import three_way
 from .outcome import Abort, Code
-from .patches import by_id
+from .patches import by_id, code_sha256
 from .reading import read, text
 from .spec import Refusal
 from .state import Context
@@ -39,6 +39,12 @@ class Undo:
     result: bytes | None = None  # the file's bytes after revert (RESTORE, ORIGINAL, MERGED)
     detail: str = ""
     before: bytes | None = None  # the verified original, where it was read
+    outdated: bool = False  # CONFLICT: written by an earlier totopatch, whose output no file holds to merge against
+
+
+OUTDATED_EDITED = ("applied by an earlier totopatch and edited since; this totopatch cannot take that version's "
+                   "change out and keep your edits: `totopatch revert --force` restores the original (your version "
+                   "is saved aside), then `totopatch apply`")
 
 
 def take_out(ctx: Context, manifest: mf.Manifest, entry: mf.Entry, data: bytes | None) -> Undo:
@@ -55,7 +61,11 @@ def take_out(ctx: Context, manifest: mf.Manifest, entry: mf.Entry, data: bytes |
     before = verified_backup(ctx, entry)
     if current == entry.after_sha256:
         return Undo(How.RESTORE, before, before=before)
-    merged = merge_out(ctx, entry, data, before)
+    after = expected_after(ctx, entry, before)
+    merged = merge_out(ctx, entry, data, before, after)
+    if merged is None and after is None and (ref := by_id(entry.patch)) is not None \
+            and entry.code_sha256 != code_sha256(ref):
+        return Undo(How.CONFLICT, detail=OUTDATED_EDITED, before=before, outdated=True)
     if merged is None:
         return Undo(How.CONFLICT, detail="edited inside the patched region since apply", before=before)
     return Undo(How.MERGED, merged, "your later edits are kept", before=before)
@@ -146,10 +156,12 @@ def expected_after(ctx: Context, entry: mf.Entry, before: bytes) -> bytes | None
     return after if sha256(after) == entry.after_sha256 else None
 
 
-def merge_out(ctx: Context, entry: mf.Entry, data: bytes, before: bytes) -> bytes | None:
-    """The user's file with only the patch's change taken out, proven by re-applying the patch; else None."""
+def merge_out(ctx: Context, entry: mf.Entry, data: bytes, before: bytes, after: bytes | None) -> bytes | None:
+    """The user's file with only the patch's change taken out, proven by re-applying the patch; else None.
+
+    ``after`` is ``expected_after(ctx, entry, before)``.
+    """
     ref = by_id(entry.patch)
-    after = expected_after(ctx, entry, before)
     if after is None or ref is None:
         return None
     path = ctx.layout.resolve(entry.base, entry.file)

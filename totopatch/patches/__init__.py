@@ -4,6 +4,11 @@ Modules load lazily, so that ``status`` on an applied tree never imports LibCST.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+from pathlib import Path
+
 from totopatch.spec import PatchRef
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -37,6 +42,41 @@ PATCHES: tuple[PatchRef, ...] = (
 
 def by_id(patch_id: str) -> PatchRef | None:
     return next((p for p in PATCHES if p.id == patch_id), None)
+
+
+# The code every patch's output also goes through: LibCST splicing and line handling, decoding and line splitting.
+_HERE = Path(__file__).resolve().parent
+SHARED_CODE = (_HERE / "_cst.py", _HERE.parent / "textio.py")
+
+
+def code_sha256(ref: PatchRef) -> str:
+    """sha256 of the code that decides what ``ref`` writes: its module, its templates and the shared helpers.
+
+    Read and hashed, never imported (no LibCST); a manifest entry records it, so a file patched by another
+    totopatch version is told apart without running the patch.
+    """
+    return _code_sha256(ref.module)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_sha256(module: str) -> str:
+    own = sorted(name for name in _names() if name == f"{module}.py"
+                 or (name.startswith(f"{module}_template") and name.endswith(".txt")))
+    digest = hashlib.sha256()
+    for path in [_HERE / name for name in own] + list(SHARED_CODE):
+        digest.update(f"{path.parent.name}/{path.name}\0".encode())
+        digest.update(_file_sha256(path))
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _names() -> tuple[str, ...]:
+    return tuple(os.listdir(_HERE))
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def beneath(ref: PatchRef) -> tuple[PatchRef, ...]:
