@@ -27,13 +27,14 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from . import manifest as mf
 from .fsio import TMP_PREFIX, Lock, atomic_write, crash_point, remove_stale_temps, sha256
 from .layout import TARGETS
 from .outcome import Abort, Code, Report
 from .reading import read, text
+from .spec import NeedsBase, Patch
 from .state import Context, bind, check_owner
 
 
@@ -165,7 +166,7 @@ class StateFolder:
             before, encode = text(path, backup)
             after = patch.rewrite(before, options).source
             current, _ = text(path, data)
-            if sha256(encode(after)) != entry.after_sha256 or patch.rewrite(current, options).source == current:
+            if sha256(encode(after)) != entry.after_sha256 or _still_in(patch, current, options):
                 return False
         except Exception:  # a refusal, an undecodable file, anything the patch cannot read: no proof
             return False
@@ -371,6 +372,18 @@ class StateFolder:
             where = f"{exc.filename}: " if exc.filename else ""
             raise Abort(Code.IO, f"{where}could not finish an interrupted run ({exc.strerror or exc}); "
                         "nothing was lost, the next run retries") from None
+
+
+def _still_in(patch: Patch, current: str, options: Mapping[str, str]) -> bool:
+    """Whether applying ``patch`` to ``current`` would change nothing (its change may be there).
+
+    A patch stacked on another whose edit is not in the file (``NeedsBase``) cannot be there either: after a
+    revert of a stack killed past its writes, the file lacks every block of the stack.
+    """
+    try:
+        return patch.rewrite(current, options).source == current
+    except NeedsBase:
+        return False
 
 
 def _is_backup_name(base: str, rel: str) -> bool:

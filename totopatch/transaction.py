@@ -91,8 +91,8 @@ def _changed_since_plan(changes: list[Change]) -> bool:
 def _refused(report: Report) -> bool:
     refused = [i for i in report.items if i.state in REFUSING_STATES]
     if refused:
-        _skip(report, Code.REFUSED, "refused: " + "; ".join(f"{i.file}: {i.detail}" for i in refused)
-              + "; nothing was written")
+        reasons = dict.fromkeys(f"{i.file}: {i.detail}" for i in refused)  # two patches of one file, one reason once
+        _skip(report, Code.REFUSED, "refused: " + "; ".join(reasons) + "; nothing was written")
     return bool(refused)
 
 
