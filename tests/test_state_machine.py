@@ -7,7 +7,8 @@ After every step four invariants are checked, each in its own method so a failur
     for a user's version that ``revert --force`` replaced.  No run finds its own state untrustworthy (exit 7).
 (b) ``status_and_revert_agree``: whatever status calls ``applied``, ``outdated`` or ``drifted``, revert (on a
     copy of the project) reverts without ``--force``, and a file whose patches are all ``applied`` or
-    ``outdated`` comes back exactly.
+    ``outdated`` comes back exactly (with the user's edits an apply re-recorded it with); where all are
+    ``applied``, what revert gives back, patched again with the file's recorded stack, is the file.
 (c) ``gate_passes_exactly_when_applied_and_intact``: ``status --check`` passes exactly when every default
     patch's file is recorded, hashes to its recorded result (or the top of its stack), is of the recorded
     toto-ts version and, where an entry of its stack records another totopatch's fingerprint, is what this
@@ -16,10 +17,21 @@ After every step four invariants are checked, each in its own method so a failur
 
 The library runs in-process, each patch's pure rewrite remembered; only the kills run the CLI in a
 subprocess (``TOTOPATCH_TEST_CRASH_AT``).  Budget: ``TOTOPATCH_STATEFUL_EXAMPLES`` (default 16) sequences of
-up to ``TOTOPATCH_STATEFUL_STEPS`` (default 12) steps, under a minute of one core.  A failure names its
-invariant and prints every step taken and a ``@reproduce_failure`` blob; replay a run with
-``TOTOPATCH_STATEFUL_SEED=<n>`` (or pytest's ``--hypothesis-seed``), and set ``TOTOPATCH_STATEFUL_SHRINK=1``
-to shrink the sequence (minutes).
+up to ``TOTOPATCH_STATEFUL_STEPS`` (default 12) steps, under a minute of one core.
+
+By default the sequences are derandomized: every run (CI's too) draws the same ones, so a pass or a failure
+is the same on every machine.  To explore others, give a seed; each seed draws its own sequences, the same
+ones on every run::
+
+    for n in $(seq 1 20); do
+        TOTOPATCH_STATEFUL_SEED=$n python -m pytest -q -n 0 -p no:randomly tests/test_state_machine.py
+    done
+
+(``TOTOPATCH_STATEFUL_EXAMPLES=200`` draws more sequences per run.)  A failure names its invariant and prints
+every step taken and a ``@reproduce_failure`` blob; rerun its seed to replay it, and set
+``TOTOPATCH_STATEFUL_SHRINK=1`` to shrink the sequence (minutes).  The seed goes on the machine class, where
+hypothesis reads it (a ``@seed`` on its ``TestCase`` is ignored); pytest's ``--hypothesis-seed`` does not
+override the derandomized default, so use the variable.
 """
 from __future__ import annotations
 
@@ -49,6 +61,7 @@ from totopatch.fsio import CRASH_POINTS
 from totopatch.layout import TARGETS
 from totopatch.outcome import Code, Report, State
 from totopatch.patches import PATCHES, by_id, code_sha256
+from totopatch.reading import text
 from totopatch.spec import Refusal, Rewrite
 from totopatch.state import open_context
 from totopatch.state_folder import StateFolder
@@ -392,6 +405,36 @@ class TotopatchMachine(RuleBasedStateMachine):
                 assert got == self.origin[target], (
                     f"invariant (b): status said {target} is applied, but revert did not restore its original "
                     f"exactly (sha {_h(got)}, expected {_h(self.origin[target])})" + self._trail())
+            if set(mine) <= chosen and set(mine.values()) == {State.APPLIED}:
+                got = (copy / self.path(target).relative_to(self.root)).read_bytes()
+                again, how = self._repatched(target, got)
+                assert again is None or again == self.files()[target], (
+                    f"invariant (b): status said {target} is applied, but what revert gave back (sha {_h(got)}), "
+                    f"patched again with {how}, is not the file: revert took out more or less than the patches' "
+                    "change" + self._trail())
+
+    def _repatched(self, target: str, data: bytes) -> tuple[bytes | None, str]:
+        """``data`` with the file's recorded stack applied again, bottom first, with the recorded options, and the
+        stack's order; None where the file's entries are not one stack of known patches."""
+        manifest = StateFolder(self.ctx()).load().manifest
+        layout = self.ctx().layout
+        mine = [e for e in manifest.entries if layout.key_for(e.base, e.file) == target]
+        bottoms = [e for e in mine if not manifest.below(e)]
+        if len(bottoms) != 1 or len(chain := (bottoms[0], *manifest.above(bottoms[0]))) != len(mine):
+            return None, ""
+        source, encode = text(self.path(target), data)
+        if any(by_id(e.patch) is None for e in chain):
+            return None, ""
+        for entry in chain:
+            ref = by_id(entry.patch)
+            assert ref is not None
+            options = {**ref.options, **{k: v for k, v in entry.options.items() if k in ref.options}}
+            try:
+                source = ref.load().rewrite(source, options).source
+            except Refusal as exc:
+                raise AssertionError(f"invariant (b): status said {target} is applied, but what revert gave back "
+                                     f"(sha {_h(data)}) is refused by {entry.patch}: {exc}" + self._trail()) from None
+        return encode(source), " then ".join(e.patch for e in chain)
 
     @invariant()
     def gate_passes_exactly_when_applied_and_intact(self) -> None:
@@ -510,17 +553,20 @@ def _fmt(states: dict) -> str:
     return ", ".join(f"{p}:{t}={s}" for (p, t), s in sorted(states.items()))
 
 
+SEED = os.environ.get("TOTOPATCH_STATEFUL_SEED")
+if SEED:  # hypothesis reads a state machine's @seed from the machine class: on its TestCase it is ignored
+    seed(int(SEED))(TotopatchMachine)
+
 TotopatchMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("TOTOPATCH_STATEFUL_EXAMPLES", "16")),
     stateful_step_count=int(os.environ.get("TOTOPATCH_STATEFUL_STEPS", "12")),
     deadline=None,
     print_blob=True,
     database=None,
+    derandomize=not SEED,  # CI runs the same sequences every time; a seed explores others
     # Shrinking a sequence of kills takes minutes; a failure already prints every step it took.
     phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("TOTOPATCH_STATEFUL_SHRINK") else []),
     suppress_health_check=list(HealthCheck),
 )
-if os.environ.get("TOTOPATCH_STATEFUL_SEED"):
-    TotopatchMachine.TestCase = seed(int(os.environ["TOTOPATCH_STATEFUL_SEED"]))(TotopatchMachine.TestCase)
 
 TestTotopatchMachine = TotopatchMachine.TestCase
