@@ -276,9 +276,13 @@ class TotopatchMachine(RuleBasedStateMachine):
         return {key: found[0] for key, found in out.items() if len(found) == 1}
 
     def discharge(self) -> None:
-        """An original the file holds again, with nothing recorded for it, is the user's once more."""
+        """An original the file holds again, with nothing recorded for it, is the user's once more.  While a killed
+        run's journal holds entries it may still record; one left with only backups to clear is a finished run."""
         live, files = self.live_keys(), self.files()
-        pending = self.ctx().journal_path.exists()
+        try:
+            pending = bool(StateFolder(self.ctx()).load().journal)
+        except Exception:
+            pending = True
         self.obligations = [o for o in self.obligations if pending or o.key in live or files[o.key] != o.data]
 
     # ------------------------------------------------------------ rules
