@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 
-from totopatch.patches._cst import line_block, newline_of, parse_python, put_block_after, split_lines, template_text
+from totopatch.patches._cst import line_block, parse_python, put_block_after, split_lines, template_lines, template_text
 from totopatch.spec import Options, Patch, Refusal, Rewrite, refuses_deep_trees
 
 NEW_CLASS = "TransformerLayerCompiledOnce"
@@ -70,12 +70,6 @@ def _template() -> str:
     return template_text("layer_region_template.py.txt")
 
 
-def _block(base: str, newline: str) -> list[str]:
-    """The template's lines for a layer class named ``base``, in the file's line endings."""
-    text = _template().replace(_BASE, base)
-    return [line.replace("\n", newline) for line in split_lines(text)]
-
-
 @refuses_deep_trees
 def rewrite(source: str, options: Options) -> Rewrite:
     tree = parse_python(source)
@@ -86,8 +80,8 @@ def rewrite(source: str, options: Options) -> Rewrite:
     if not _imports_torch(tree):
         raise Refusal("the module does not import torch at top level, which the layer region needs")
     anchor = (layer.end_lineno or layer.lineno) - 1
-    new, notes = put_block_after(source, lines, tree, anchor, block, _block(layer.name, newline_of(lines)),
-                                 "layer-region", f"class {layer.name}")
+    wanted = template_lines(_template().replace(_BASE, layer.name), lines)  # for a layer class of that name
+    new, notes = put_block_after(source, lines, tree, anchor, block, wanted, "layer-region", f"class {layer.name}")
     return Rewrite(new, notes)
 
 
