@@ -151,9 +151,11 @@ def block() -> dict:
     """The block's names, executed with the installed Toto's backbone class (as forecaster.py imports it)."""
     from toto.model.backbone import TotoBackbone
 
-    # shared-prefill's block, beneath it in the file, gives the rope-cache scope (nothing where rope-cache is absent)
+    # shared-prefill's block, beneath it in the file, gives the rope-cache scope and a model call in it (nothing
+    # where rope-cache is absent)
     names = {"torch": torch, "TotoBackbone": TotoBackbone, "__name__": "toto.inference.forecaster",
-             "_totopatch_rope_scope": lambda model: contextlib.nullcontext()}
+             "_totopatch_rope_scope": lambda model: contextlib.nullcontext(),
+             "_totopatch_call": lambda model, **kwargs: model(**kwargs)}
     exec(compile(template_text("cuda_graphs_template.py.txt"), "cuda_graphs_template", "exec"), names)
     names["_totopatch_fixed_in_the_tree"] = names["_totopatch_fixed"]
     names["_totopatch_fixed"] = lambda model: True  # the installed Toto has neither fix; on the CPU they change nothing
