@@ -125,13 +125,18 @@ class Exact:
 
         Run before any output is built from the module (a text that is only read needs no proof).
         """
-        code = self.module.code
+        code = self.code
         if code != "".join(self.clean):
             again = split_lines(code)
             index = next((i for i, (a, b) in enumerate(zip(self.clean, again)) if a != b),
                          min(len(self.clean), len(again)) - 1)
             raise Refusal(f"LibCST cannot give back this line byte for byte ({self.lines[index]!r})",
                           (self.first_line + index,), at=True)
+
+    @functools.cached_property
+    def code(self) -> str:
+        """LibCST's code for ``module`` (made once: ``prove`` may run for each patch that reads this text)."""
+        return self.module.code
 
     @property
     def newline(self) -> str:
@@ -208,11 +213,15 @@ def _string_lines(text: str) -> frozenset[int]:
     return frozenset(inside)
 
 
+@functools.lru_cache(maxsize=16)
 def parse_exact(text: str, first_line: int = 1) -> Exact:
     """Parse ``text`` (lines ``first_line``... of its file) with LibCST, as it can give the text back (``Exact``).
 
     A Refusal names the file's line where LibCST cannot parse the text; Python's parser is the judge of
     validity and is asked first by the callers, so such a line is LibCST's limit, not the user's error.
+    The last 16 texts' results are kept (an ``Exact`` and its LibCST tree are immutable, about 1.5 MB for a
+    1,200-line file): a process that checks the same file again, as the tests and the Python API do, parses
+    it once.
     """
     lines, clean = clean_lines(text)
     try:
