@@ -16,6 +16,7 @@ from hypothesis import Phase, given, settings, strategies as st
 from conftest import SAMPLE_BACKTEST, installed_toto_package, make_outdated, project_file, upstream_bytes
 from totopatch import engine
 from totopatch.patches import PATCHES, beneath, by_id
+from totopatch.spec import NeedsBase
 from totopatch.state import open_context
 
 CM = "compile-mode"
@@ -257,3 +258,39 @@ def test_a_stale_records_backup_that_a_lower_patch_takes_as_its_original_is_not_
     assert cli(project, "verify", "spacewise-mask", "layer-region").exit_code == 0
     assert cli(project, "revert").exit_code == 0
     assert transformer.read_bytes() == original and not Path(f"{transformer}.backup").exists()
+
+
+def _applies_alone(ref) -> bool:
+    """Whether ``ref`` rewrites its upstream file with nothing beneath it (it raises NeedsBase where it cannot)."""
+    try:
+        ref.load().rewrite(upstream_bytes(ref.targets[0]).decode(), ref.options)
+    except NeedsBase:
+        return False
+    return True
+
+
+def _stacks_whose_upper_applies_alone() -> list[tuple[str, str]]:
+    """(lower, upper): patches of one file where ``upper`` stacks on ``lower`` but applies without it."""
+    return [(lower.id, ref.id) for ref in PATCHES for lower in beneath(ref)
+            if lower.targets == ref.targets and _applies_alone(ref)]
+
+
+@pytest.mark.parametrize("lower, upper", _stacks_whose_upper_applies_alone())
+def test_a_record_made_in_the_run_that_writes_the_file_never_takes_that_writes_backup(project: Path, cli, lower: str,
+                                                                                    upper: str) -> None:
+    """The upper patch in the file with no record and no backup; one apply writes the lower patch under it (its
+    backup beside the file) and records the upper as found: each record keeps a backup of its own."""
+    path = project / project_file(by_id(upper).targets[0])
+    assert cli(project, "apply", upper).exit_code == 0
+    for backup in [*project.rglob("*.backup"), *(project / ".totopatch" / "backups").glob("*")]:
+        backup.unlink()
+    (project / ".totopatch" / "manifest.json").unlink()
+    found = path.read_bytes()
+    ran = cli(project, "apply", lower, upper, "--json")
+    states = {i["patch"]: i["state"] for i in json.loads(ran.stdout)["items"]}
+    assert ran.exit_code == 0 and states == {lower: "applied", upper: "recorded"}, ran.stdout
+    manifest = json.loads((project / ".totopatch" / "manifest.json").read_text())
+    places = [(e["backup_base"], e["backup"]) for e in manifest["entries"]]
+    assert len(set(places)) == len(places), places  # one backup per record
+    assert cli(project, "verify", lower, upper).exit_code == 0
+    assert cli(project, "revert").exit_code == 0 and path.read_bytes() == found

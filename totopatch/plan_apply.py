@@ -86,7 +86,8 @@ def _plan_one(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
             return _rerecord(ctx, manifest, ref, target, found, pending)
         if found.state == State.APPLIED and entry is not None and found.data is not None \
                 and effective_options(ref, entry) == options and (problem := _backup_problem(ctx, entry)):
-            return _listed(*_rebacked(ctx, manifest, ref, target, item, entry, found.data, options, problem))
+            return _listed(*_rebacked(ctx, manifest, ref, target, item, entry, found.data, options, problem,
+                                          pending))
         if found.state == State.APPLIED and found.rebuilt is not None and found.data is not None:
             item, _ = _act(ctx, ref, target, item, found, options, adopt_legacy, pending)  # as this totopatch
             done = item.state == State.ALREADY_APPLIED  # writes it, under another fingerprint: record this one
@@ -171,7 +172,7 @@ def _act(ctx: Context, ref: PatchRef, target: Target, item: Item, found: Finding
         return _adopt(ctx, patch, target, item, found, options, pending)
     if state == State.APPLIED_UNRECORDED:
         assert found.data is not None
-        return _plan_unrecorded(ctx, ref.load(), target, item, found.data, options)
+        return _plan_unrecorded(ctx, ref.load(), target, item, found.data, options, pending)
     if state == State.NOT_APPLIED and found.rewritten is None:  # needs a patch beneath it that is not applied
         return replace(item, state=State.CONFLICT, detail=found.detail), None
     if state == State.NOT_APPLIED:
@@ -285,8 +286,11 @@ def _pre_legacy(patch: Patch, target: Target, source: str, encode: Callable[[str
 
 
 def _plan_unrecorded(ctx: Context, patch: Patch, target: Target, item: Item, data: bytes,
-                     options: dict[str, str]) -> tuple[Item, Change | None]:
-    """The patch is in the file already: record it if a backup proves what the original was."""
+                     options: dict[str, str], pending: dict[Path, bytes]) -> tuple[Item, Change | None]:
+    """The patch is in the file already: record it if a backup proves what the original was.
+
+    ``pending``: what earlier patches of this run will write; where one writes this file, its backup may be
+    the one beside it, so this record's backup goes into the state folder (``_backup_place``)."""
     source, _ = text(target.path, data)
     for backup in _backup_candidates(ctx, target):
         try:
@@ -295,12 +299,12 @@ def _plan_unrecorded(ctx: Context, patch: Patch, target: Target, item: Item, dat
                 continue
             original_text, _ = text(backup, original)
             if original_text != source and patch.rewrite(original_text, options).source == source:
-                change = replace(_change(ctx, patch.id, target, original, data, options, None, {}), old=data)
+                change = replace(_change(ctx, patch.id, target, original, data, options, None, pending), old=data)
                 return replace(item, state=State.RECORDED,
                                detail=f"already patched; recorded with {ctx.layout.display(backup)} as original"), change
         except (Refusal, Abort):
             continue
-    change = _change(ctx, patch.id, target, data, data, options, None, {})
+    change = _change(ctx, patch.id, target, data, data, options, None, pending)
     return replace(item, state=State.RECORDED, detail="already patched, and no backup holds an earlier original: "
                    "recorded as found (revert leaves this file as it is)"), change
 
@@ -317,7 +321,8 @@ def _backup_problem(ctx: Context, entry: mf.Entry) -> str:
 
 
 def _rebacked(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target, item: Item, entry: mf.Entry,
-              data: bytes, options: dict[str, str], problem: str) -> tuple[Item, Change | None]:
+              data: bytes, options: dict[str, str], problem: str,
+              pending: dict[Path, bytes]) -> tuple[Item, Change | None]:
     """An applied file whose backup is gone or changed: verify would fail, so apply repairs the record.
 
     From a copy of the original found beside the file or in ``<state>/backups/``; where none is left, the
@@ -351,7 +356,7 @@ def _rebacked(ctx: Context, manifest: mf.Manifest, ref: PatchRef, target: Target
             raise
         return replace(item, state=State.REFUSED, detail=f"its backup {shown} {problem}, and so does the one of the "
                        f"patch stacked on it ({exc}); revert --force of both restores what can be"), None
-    change = _change(ctx, ref.id, target, holds, holds, options, None, {})
+    change = _change(ctx, ref.id, target, holds, holds, options, None, pending)
     assert change.journal is not None
     found_entry = replace(change.journal.entry, code_sha256=entry.code_sha256)  # what wrote it is unchanged
     change = replace(change, old=data, new=data, journal=replace(change.journal, entry=found_entry,
