@@ -161,6 +161,26 @@ def test_read_only_folder_fails_before_any_write_with_a_hint(project: Path, cli)
     assert not (project / ".totopatch").exists()
 
 
+@pytest.mark.parametrize("command", [("apply", CM), ("revert",)])
+def test_a_lock_file_this_user_cannot_write_fails_with_permission_and_writes_nothing(project: Path, cli,
+                                                                                    command) -> None:
+    """Another user's lock file (read-only to this one): exit 5 naming it, as for the state folder; no traceback."""
+    assert cli(project, "apply", "kv-cache").exit_code == 0  # something to revert
+    lock = project / ".totopatch" / "lock"
+    assert lock.is_file()
+    lock.chmod(0o444)
+    before = snapshot(project)
+    try:
+        ran = cli(project, *command)
+        as_json = cli(project, "--json", *command)
+    finally:
+        lock.chmod(0o644)
+    assert ran.exit_code == 5 and f"{lock}: the lock file is not writable" in ran.stderr, ran.stderr
+    assert len(ran.stderr.strip().splitlines()) == 1 and "Traceback" not in ran.stderr
+    assert as_json.exit_code == 5 and json.loads(as_json.stdout)["exit_code"] == 5
+    assert snapshot(project) == before
+
+
 def test_read_only_state_folder_hint_works_when_followed(project: Path, cli, tmp_path: Path) -> None:
     (project / ".totopatch").mkdir()
     (project / ".totopatch").chmod(0o555)

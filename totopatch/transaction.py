@@ -120,6 +120,9 @@ def preflight(ctx: Context, changes: list[Change]) -> None:
     if not can_write(state if state.exists() else state.parent):
         raise Abort(Code.PERMISSION, f"{state}: state folder is not writable (permission denied); "
                     "nothing was changed; keep the manifest and backups elsewhere with --state-dir DIR")
+    if ctx.lock_path.is_file() and not can_write(ctx.lock_path):  # another user's, say: the lock opens it to write
+        raise Abort(Code.PERMISSION, f"{ctx.lock_path}: the lock file is not writable (permission denied); "
+                    "nothing was changed; remove it where no totopatch run holds it, or use --state-dir DIR")
 
 
 def can_write(path: Path) -> bool:
