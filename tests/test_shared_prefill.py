@@ -14,7 +14,7 @@ import torch
 
 from conftest import installed_toto_package, run_script, snapshot
 from test_versions import package
-from totopatch.patches import kv_cache, shared_prefill
+from totopatch.patches import PATCHES, kv_cache, shared_prefill
 from totopatch.spec import Refusal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prefill"
@@ -304,9 +304,9 @@ def test_a_new_context_length_is_not_a_recompile(tmp_path, cli) -> None:
 
     The control is the same tree without shared-prefill (and cuda-graphs, which stacks on it): upstream's
     forecaster, with a KV cache that itself never recompiles, recompiles on the second length."""
+    beside = [p.id for p in PATCHES if p.default and "forecaster" not in p.targets]  # the other files' patches
     trees = {}
-    for name, patches in (("control", ("kv-cache", "sdpa-causal", "spacewise-mask", "rope-cache", "scaler-constant",
-                                       "id-mask-check")), ("patched", ())):
+    for name, patches in (("control", beside), ("patched", ())):
         trees[name] = tmp_path / name
         shutil.copytree(installed_toto_package(), trees[name] / "toto", ignore=shutil.ignore_patterns("__pycache__"))
         assert cli(trees[name], "apply", *patches).exit_code == 0
