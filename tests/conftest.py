@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import prefork
 import pytest
 from click.testing import CliRunner
 
@@ -112,7 +113,7 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
 
 def run_script(script: Path, *args: str) -> dict:
     """Run a fixture script in a fresh Python (so its ``--toto-parent`` is the ``toto`` it imports); its last line's JSON."""
-    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([prefork.python(), str(script), *args], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

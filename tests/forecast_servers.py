@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import prefork
 import torch
 from click.testing import CliRunner
 
@@ -38,7 +39,7 @@ class Server:
         self.folder, self.timeout, self.count = folder, timeout, 0
         folder.mkdir(parents=True, exist_ok=True)
         self.log: IO[str] = (folder / "server.log").open("w")
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "--toto-parent", str(parent), *options],
+        self.proc = subprocess.Popen([prefork.python(), str(SCRIPT), "--toto-parent", str(parent), *options],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
 
     def ask(self, request: Request) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import prefork
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_tiny_replay_writes_every_key_with_sane_values(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--backend", "eager", "--threads", "1",
+    cmd = [prefork.python(), str(SCRIPT), "--tiny", "--device", "cpu", "--backend", "eager", "--threads", "1",
            "--scenarios", "single", "--lengths", "40", "--horizons", "2,1", "--num-samples", "16",
            "--samples-per-batch", "8", "--rows", "unpatched:eager,patched:default+dynamic=mark",
            "--out", str(tmp_path), "--stem", "bt"]

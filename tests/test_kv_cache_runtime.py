@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import prefork
 import pytest
 import torch
 
@@ -59,7 +60,7 @@ def test_without_torch_compiler_the_patched_cache_is_undecorated_and_the_same(tm
 
 def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
     """Run fresh Python processes side by side (one per core) and wait for all of them."""
-    procs = [subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([prefork.python(), *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for cmd in commands]
     done = []
     for cmd, proc in zip(commands, procs):

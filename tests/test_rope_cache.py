@@ -20,6 +20,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from hypothesis import HealthCheck, settings, strategies as st
@@ -288,7 +289,7 @@ def test_forecasts_equal_those_without_it_bit_for_bit(tmp_path: Path, cli, forec
 
     def run() -> dict:
         """Both samplings' samples, forecast by the tree as it stands, in a fresh process."""
-        ran = subprocess.run([sys.executable, str(forecast_script), str(root)], capture_output=True, text=True,
+        ran = subprocess.run([prefork.python(), str(forecast_script), str(root)], capture_output=True, text=True,
                              timeout=600, env=env)
         assert ran.returncode == 0, ran.stderr[-3000:]
         return json.loads(ran.stdout.strip().splitlines()[-1])

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import prefork
 import pytest
 import torch
 
@@ -286,7 +287,7 @@ def test_a_fully_patched_tree_gives_the_same_samples_without_totopatch(tmp_path,
     root = tmp_path / "checkout"
     shutil.copytree(installed_toto_package(), root / "toto", ignore=shutil.ignore_patterns("__pycache__"))
     assert cli(root, "apply").exit_code == 0
-    run = subprocess.run([sys.executable, str(FIXTURES / "forecast_samples.py"), "--toto-parent", str(root),
+    run = subprocess.run([prefork.python(), str(FIXTURES / "forecast_samples.py"), "--toto-parent", str(root),
                           "--out", str(tmp_path / "after.pt"), "--exogenous"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     after = torch.load(tmp_path / "after.pt", weights_only=False)

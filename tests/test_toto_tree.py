@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 
 from conftest import installed_toto_package, project_file, snapshot
@@ -133,8 +134,14 @@ def test_reinstalled_toto_is_reported_as_replaced(tmp_path) -> None:
     assert run_installed(site, project, "verify", "kv-cache").returncode == 1
 
 
+@pytest.fixture
+def forked(monkeypatch) -> None:
+    """``verify --smoke`` starts its smoke test with ``sys.executable``: here, forked with torch imported."""
+    monkeypatch.setattr(sys, "executable", prefork.python())
+
+
 @pytest.mark.slow
-def test_verify_smoke_compiles_the_patched_tree(project, cli) -> None:
+def test_verify_smoke_compiles_the_patched_tree(project, cli, forked) -> None:
     assert cli(project, "apply").exit_code == 0
     ran = cli(project, "verify", "--smoke", "--device", "cpu", "--json")
     data = json.loads(ran.stdout)
@@ -151,7 +158,7 @@ def test_verify_smoke_compiles_the_patched_tree(project, cli) -> None:
 
 
 @pytest.mark.slow
-def test_verify_smoke_fails_on_a_tree_that_recompiles(project, cli) -> None:
+def test_verify_smoke_fails_on_a_tree_that_recompiles(project, cli, forked) -> None:
     """Only compile-mode applied: upstream's cache breaks the graph and recompiles when the forecast grows past
     the warm-up, with outputs still equal to eager; verify says so, in words and in JSON."""
     assert cli(project, "apply", "compile-mode").exit_code == 0
@@ -181,7 +188,7 @@ def test_dry_runs_say_what_they_would_do(project, cli) -> None:
 
 
 @pytest.mark.slow
-def test_verify_smoke_with_inductor_matches_eager(project, cli) -> None:
+def test_verify_smoke_with_inductor_matches_eager(project, cli, forked) -> None:
     """The default patch set under inductor: the spacewise-mask patch keeps compiled forecasts equal to eager."""
     assert cli(project, "apply").exit_code == 0
     ran = cli(project, "verify", "--smoke", "--device", "cpu", "--backend", "inductor", "--json")

@@ -1,0 +1,258 @@
+"""Python child processes for the tests, forked from a server that has already imported torch.
+
+About twenty tests run a script in a fresh Python process, because the ``toto`` it imports must be the
+tree under test and not the worker's. Each such process spent about 5 s of CPU importing torch, lightning
+(through gluonts), scipy and pandas before the script's first line. ``python()`` gives an executable that
+stands for ``sys.executable``. It hands its arguments, environment, working folder and standard streams
+to a server (one per test worker) that imported those libraries once. The server forks, runs the script
+as ``python`` would, and sends back the exit status, which the executable exits with.
+
+What the child imports after that, ``toto`` first, is imported fresh in each child. The executable runs
+the real interpreter instead wherever a forked child could be told apart from a fresh one:
+- an interpreter option other than ``-m`` or ``-c``;
+- an environment that differs from the server's in a variable that the preloaded libraries read when
+  they are imported (``TORCH*``, ``PYTHON*``, ``OMP_*`` and the others in ``WATCHED``).
+
+Inside a child, ``sys.executable`` is the executable too, so the processes a script starts (a benchmark's
+workers, ``verify --smoke``'s smoke test) are forked the same way.
+
+Run as ``python prefork.py --serve SOCKET``; the tests only call ``python()``.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = __file__
+# what toto 0.1.3-0.2.0 imports besides itself (the server imports them, never toto)
+PRELOAD = ("torch", "torch._dynamo", "numpy", "gluonts.torch.distributions", "einops", "jaxtyping",
+           "rotary_embedding_torch", "huggingface_hub", "safetensors")
+# environment variables read when those libraries are imported: a child whose value differs is not forked
+WATCHED = ("TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "NUMEXPR", "CUDA", "NVIDIA", "TRITON",
+           "LD_", "PYTHON", "HF_", "HUGGINGFACE", "LIGHTNING", "PL_", "GLUONTS", "JAX", "NUMPY", "SCIPY", "MPLBACKEND")
+# ... except these: set up in the child as Python does at start-up, or read only when a cache is first used
+HANDLED = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def _watched(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(WATCHED) and k not in HANDLED}
+
+
+LAUNCHER = '''\
+#!{python} -IS
+import json, os, socket, sys
+REAL, SOCKET, WATCHED, HANDLED = {real!r}, {socket!r}, {watched!r}, {handled!r}
+SERVER_ENV = json.loads({server_env!r})
+args = sys.argv[1:]
+
+
+def real():
+    os.execv(REAL, [REAL] + args)
+
+
+if not args or (args[0].startswith("-") and (args[0] not in ("-m", "-c") or len(args) < 2)):
+    real()
+if {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in HANDLED}} != SERVER_ENV:
+    real()
+try:  # standard streams to hand over, a folder to start in, a server to ask
+    [os.fstat(fd) for fd in (0, 1, 2)]
+    request = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.argv[0]}}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(SOCKET)
+except OSError:
+    real()
+socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+reply = sock.recv(64)
+code = int(reply) if reply else 1
+if code < 0:
+    import signal
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+os._exit(code)
+'''
+
+
+def serve(path: str) -> None:
+    """Import PRELOAD, then fork a child for each request on the socket at ``path`` (until the parent dies)."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(64)
+    listener.settimeout(1.0)
+    parent = os.getppid()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
+    print("ready", flush=True)
+    while os.getppid() == parent:
+        try:
+            conn, _ = listener.accept()
+        except (socket.timeout, InterruptedError):
+            continue
+        fds: list[int] = []
+        try:
+            conn.settimeout(None)
+            message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            if len(fds) == 3 and os.fork() == 0:
+                try:
+                    listener.close()
+                    _wait_for(conn, json.loads(message), fds)
+                finally:
+                    os._exit(70)
+        except OSError:
+            pass  # the caller went away before it was served
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _wait_for(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """Fork the child for ``request``; send its exit status back, or kill it when the caller goes away."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _run(request, fds)
+    for fd in fds:
+        os.close(fd)
+    poller = select.poll()
+    poller.register(conn, select.POLLIN | select.POLLHUP)
+    child = os.pidfd_open(pid)
+    poller.register(child, select.POLLIN)
+    while True:
+        ready = dict(poller.poll())
+        if child in ready:
+            break
+        if conn.fileno() in ready:  # the caller was killed (a timeout): so are the child and what it started
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # before the child made its own group
+                os.kill(pid, signal.SIGKILL)
+            break
+    _, status = os.waitpid(pid, 0)
+    try:
+        conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _run(request: dict, fds: list[int]) -> None:
+    """Become the process ``python *argv`` would have started, run it, and exit with its status."""
+    import io
+    import runpy
+    import types
+
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+
+    def stream(fd: int, mode: str, errors: str = "strict") -> io.TextIOWrapper:
+        """The text stream Python makes for ``fd`` at start-up (line-buffered on a terminal)."""
+        return io.TextIOWrapper(open(fd, mode + "b", closefd=False), errors=errors, write_through=unbuffered,
+                                line_buffering=mode == "w" and os.isatty(fd))
+
+    sys.stdin, sys.stdout, sys.stderr = stream(0, "r"), stream(1, "w"), stream(2, "w", "backslashreplace")
+    sys.executable = request["executable"]
+    argv = request["argv"]
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    code = 0
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[:1] = [os.getcwd(), *paths]
+            sys.modules["__main__"] = types.ModuleType("__main__")  # runs in __main__'s namespace: a fresh one
+            runpy._run_module_as_main(argv[1], alter_argv=True)  # what ``python -m`` itself calls
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[:1] = ["", *paths]
+            main = sys.modules["__main__"] = types.ModuleType("__main__")
+            exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+        else:
+            sys.argv = list(argv)
+            sys.path[:1] = [os.path.dirname(os.path.abspath(argv[0])), *paths]
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException as exc:
+        tb = exc.__traceback__
+        ours = {HERE} | (set() if argv[0] == "-m" else {runpy.__file__, "<frozen runpy>"})
+        while tb is not None and tb.tb_frame.f_code.co_filename in ours:
+            tb = tb.tb_next  # as Python prints it
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _exit_code(value: object) -> int:
+    """The status ``sys.exit(value)`` gives, as Python's own exit handling computes it."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    print(value, file=sys.stderr)
+    return 1
+
+
+_launcher: str | None = None
+
+
+def python() -> str:
+    """An executable to use in place of ``sys.executable`` for a script that imports torch (see the module).
+
+    The server starts on the first call in this process (about 5 s, what one child would have spent); where
+    it cannot start, ``sys.executable`` itself.
+    """
+    global _launcher
+    if _launcher is not None:
+        return _launcher
+    folder = Path(tempfile.mkdtemp(prefix="totopatch-prefork-"))
+    sock = folder / "server.sock"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS threads in the process that forks
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(sock)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, env=env, text=True)
+    atexit.register(_stop, server, folder)
+    ready, _, _ = select.select([server.stdout], [], [], 300)
+    if not ready or server.stdout.readline().strip() != "ready":
+        _launcher = sys.executable
+        return _launcher
+    launcher = folder / "python"
+    launcher.write_text(LAUNCHER.format(python=sys.executable, real=sys.executable, socket=str(sock),
+                                        watched=WATCHED, handled=HANDLED,
+                                        server_env=json.dumps(_watched(dict(os.environ)))))
+    launcher.chmod(0o755)
+    _launcher = str(launcher)
+    return _launcher
+
+
+def _stop(server: subprocess.Popen, folder: Path) -> None:
+    server.kill()
+    server.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    serve(sys.argv[2])
