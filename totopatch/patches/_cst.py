@@ -37,10 +37,7 @@ def replace_body(exact: Exact, start: int, stop: int, code: Sequence[str]) -> st
     line ending, and a text without a final line ending keeps none.
     """
     exact.prove()
-    module = exact.module
-    above = sum(module.code_for_node(line).count("\n") for line in module.header)
-    counts = [module.code_for_node(statement).count("\n") for statement in module.body[:stop]]
-    first, last = above + sum(counts[:start]), above + sum(counts)
+    first, last = exact.line_of(start), exact.line_of(stop)
     head, tail = list(exact.lines[:first]), list(exact.lines[last:])
     new = [exact.added(line) for line in split_lines("".join(code))]
     if head and not _ending(head[-1])[1]:
@@ -135,8 +132,46 @@ class Exact:
 
     @functools.cached_property
     def code(self) -> str:
-        """LibCST's code for ``module`` (made once: ``prove`` may run for each patch that reads this text)."""
-        return self.module.code
+        """LibCST's code for ``module``, ``Module.code`` byte for byte (made once: ``prove`` may run for each patch
+        that reads this text), joined from its nodes' code, which the patches reuse (``statement_code``).
+
+        ``Module.code`` writes the header, body and footer nodes in turn, as ``code_for_node`` writes each; then,
+        for a module with a final line ending, adds one if nothing was written, and for one without, drops the
+        last token.  A last node that writes any text wrote that token, so the module is its nodes' code with the
+        last node's written alone in a module without a final line ending.  Otherwise LibCST writes it all.
+        """
+        module, count = self.module, len(self._nodes)
+        if not count:
+            return module.code
+        last = self._piece(count - 1) if module.has_trailing_newline else _last_only(module).code
+        if not last:
+            return module.code
+        return "".join(self._piece(i) for i in range(count - 1)) + last
+
+    def statement_code(self, index: int) -> str:
+        """LibCST's code for the module's top-level statement ``index``, as ``Module.code_for_node`` writes it
+        (with the comments and blank lines above it, which LibCST counts as its own; made once)."""
+        return self._piece(len(self.module.header) + index)
+
+    def line_of(self, index: int) -> int:
+        """The 0-based line of ``code`` where the top-level statement ``index`` starts (the comments and blank
+        lines above it included; ``len(module.body)``: the line after the last statement)."""
+        return sum(self._piece(i).count("\n") for i in range(len(self.module.header) + index))
+
+    @functools.cached_property
+    def _nodes(self) -> tuple[cst.CSTNode, ...]:
+        return (*self.module.header, *self.module.body, *self.module.footer)
+
+    @functools.cached_property
+    def _pieces(self) -> list[str | None]:
+        return [None] * len(self._nodes)
+
+    def _piece(self, index: int) -> str:
+        """The code of the module's ``index``-th node of header, body and footer (made once, when first asked)."""
+        code = self._pieces[index]
+        if code is None:
+            code = self._pieces[index] = self.module.code_for_node(self._nodes[index])
+        return code
 
     @property
     def newline(self) -> str:
@@ -175,6 +210,15 @@ class Exact:
         """A line the patch adds, in the text's line ending."""
         body, ending = _ending(line)
         return body + (self.newline if ending else "")
+
+
+def _last_only(module: cst.Module) -> cst.Module:
+    """``module`` with only its last node of header, body and footer, in its place."""
+    if module.footer:
+        return module.with_changes(header=(), body=(), footer=module.footer[-1:])
+    if module.body:
+        return module.with_changes(header=(), body=module.body[-1:], footer=())
+    return module.with_changes(header=module.header[-1:], body=(), footer=())
 
 
 def _ending(line: str) -> tuple[str, str]:

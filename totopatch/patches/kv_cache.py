@@ -160,7 +160,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
 
     span = _block_span(body, lines)
     cache = _find_cache(body, lines, span)
-    current = [module.code_for_node(s) for s in body[span.start:span.stop]]
+    current = [exact.statement_code(i) for i in span]  # reused by the proof, if the block is replaced
     _check_names(source, current, body, lines, span)
     if span and span.start != cache.index + 1:
         raise Refusal(f"the kv-cache block is not right after class {cache.node.name.value}",

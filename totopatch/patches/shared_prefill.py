@@ -174,7 +174,7 @@ def rewrite(source: str, options: Options) -> Rewrite:
 
     span = marked_span(body, lines, BEGIN, END, "shared-prefill")
     index = _find_forecaster(body, lines, span)
-    current = [module.code_for_node(s) for s in body[span.start:span.stop]]
+    current = [exact.statement_code(i) for i in span]  # reused by the proof, if the block is replaced
     _check_names(source, current, body, lines, set(span) | set(_stacked(body, lines)))
     if span and span.start != index + 1:
         raise Refusal(f"the shared-prefill block is not right after class {body[index].name.value}",  # type: ignore
