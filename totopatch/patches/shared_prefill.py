@@ -66,8 +66,13 @@ def _is_docstring(stmt: cst.BaseStatement) -> bool:
             and isinstance(stmt.body[0].value, cst.SimpleString))
 
 
+@functools.lru_cache(maxsize=16)
 def fingerprint(function: cst.FunctionDef) -> str:
-    """sha256 of the function's tokens, without its docstring, comments or layout."""
+    """sha256 of the function's tokens, without its docstring, comments or layout.
+
+    (Kept per node, as ``parse_exact`` keeps the trees of the last 16 texts: a LibCST node is equal only to
+    itself, so a text checked again in one process, as status does after apply, is not written out again.)
+    """
     body = list(function.body.body)
     if body and _is_docstring(body[0]):
         body = body[1:]
