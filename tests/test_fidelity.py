@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
-from totopatch.patches import PATCHES
+from totopatch.patches import PATCHES, layer_region, rope_cache, shared_prefill
 from totopatch.textio import decode
 from whitespace_variants import (BLANKS, ENDINGS, FILES, GAPS, PREFIXES, TRAILING, WHOLE, Case, Edit, build, cases,
                                  check, every_kind_at, usable, whole_file)
@@ -189,3 +189,23 @@ def test_a_line_libcst_cannot_give_back_is_refused_at_the_users_line() -> None:
     with pytest.raises(Refusal) as refused:
         exact.restore("x = 3\ny  = 2\n")
     assert refused.value.at and refused.value.lines == (41,) and "y\\x0c= 2" in refused.value.reason
+
+
+# ---------------------------------------------------------------- found by the random sweep: a block marker after a form feed
+
+BLOCKS = {"cuda-graphs": shared_prefill, "rope-cache": rope_cache, "layer-region": layer_region}  # whose marker
+
+
+@pytest.mark.parametrize("prefix", PREFIXES, ids=[repr(p) for p in PREFIXES])
+@pytest.mark.parametrize("patch_id", BLOCKS)
+def test_a_block_marker_after_a_form_feed_is_at_python_s_column_0(patch_id: str, prefix: str) -> None:
+    """Whitespace ending in a form feed before a ``begin`` marker line: Python's tokenizer restarts the column
+    there, so it is the same marker.  cuda-graphs finds shared-prefill's block under it (it used to refuse,
+    naming only the end line), and a block patch's own block so written is left as it is, byte for byte."""
+    patch, begin = next(p for p in PATCHES if p.id == patch_id).load(), BLOCKS[patch_id].BEGIN
+    for case in cases(patch_id):
+        text = "".join(case.out if BLOCKS[patch_id].PATCH.id == patch_id else case.lines)
+        assert text.count(begin) == 1, case.name
+        marked = text.replace(begin, prefix + begin, 1)
+        out = patch.rewrite(marked, {})
+        assert out.source == "".join(case.out).replace(begin, prefix + begin, 1) and not out.notes, case.name

@@ -528,9 +528,12 @@ def _template_code(template: str, indent: str, newline: str) -> tuple[str, ...]:
 
 def line_block(lines: Sequence[str], tree: ast.Module, begin: str, end: str, patch_id: str) -> tuple[int, int] | None:
     """0-based first and last line of a block of whole lines: ``begin`` starts its first line, ``end`` is on the
-    line of a top-level statement that ends it.  None where there is none; a refusal where they do not pair up."""
+    line of a top-level statement that ends it.  None where there is none; a refusal where they do not pair up.
+
+    ``begin`` may follow whitespace that ends in a form feed, where Python's tokenizer restarts the column (the
+    comment is still at column 0 to it; ``Exact.clean`` cuts the same prefix)."""
     tops = {node.lineno - 1 for node in tree.body} | {(node.end_lineno or node.lineno) - 1 for node in tree.body}
-    begins = [i for i, line in enumerate(lines) if line.startswith(begin)]
+    begins = [i for i, line in enumerate(lines) if line[_cut(line):].startswith(begin)]
     ends = [i for i, line in enumerate(lines) if end in line and i in tops]
     if not begins and not ends:
         return None
@@ -538,6 +541,12 @@ def line_block(lines: Sequence[str], tree: ast.Module, begin: str, end: str, pat
         raise Refusal(f"damaged {patch_id} block: its begin/end markers do not pair up",
                       tuple(i + 1 for i in begins + ends))
     return begins[0], ends[0]
+
+
+def _cut(line: str) -> int:
+    """Where ``line`` starts to Python's tokenizer: after its leading whitespace up to the last form feed in it."""
+    found = _FF_INDENT.match(line)
+    return found.end() if found else 0
 
 
 def top_level_imports(tree: ast.Module) -> set[str]:
@@ -565,5 +574,8 @@ def put_block_after(source: str, lines: Sequence[str], tree: ast.Module, anchor:
     between = [n for n in tree.body if anchor < n.lineno - 1 < block[0]]
     if block[0] <= anchor or between:
         raise Refusal(f"the {patch_id} block is not right after {anchor_name}", (block[0] + 1,))
+    first = lines[block[0]]
+    if [first[_cut(first):], *lines[block[0] + 1:block[1] + 1]] == list(wanted):
+        return source, ()  # the block as written, but for a form feed before its first line (Python's column 0)
     new = put_lines(lines, block[0], block[1] + 1, wanted)
     return new, (() if new == source else (f"replaced a {patch_id} block written by another totopatch version",))
