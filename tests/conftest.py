@@ -126,21 +126,20 @@ def cli():
     return run
 
 
-# The tests that compile a Toto, longest first (CPU seconds on the 2-core machine, inductor's cache empty: about
-# 100, 40, 30, 28, 25, 23, 22, 12 each). xdist hands out whole test files (setup.cfg: --dist loadfile), so that a
-# file's module-scoped fixtures (forecast servers, patched trees) are built once; sorting these tests first puts
-# their files first, spread over the workers, and the short files fill in after them.
+# The test files, longest first: the sum of their tests' durations in seconds on the 2-core machine (2026-12-01,
+# inductor's cache empty): 130 (the inductor smoke test alone 93), 49, 40, 35, 29, 25, 21, 19, 18, 17, 16, 13, 13,
+# 11, 11, 11; the others under 10. xdist hands out whole files (setup.cfg: --dist loadfile, so that a file's
+# module-scoped fixtures, forecast servers and patched trees, are built once) in the order of their first test
+# (--no-loadscope-reorder; xdist would order them by their count of tests). Longest first spreads the long files
+# over the workers and leaves the short ones to fill in at the end, where the run waits for its last worker.
 LONGEST_FIRST = (
-    "test_verify_smoke_with_inductor_matches_eager",
-    "test_a_forecaster_compiled_whole_runs_as_upstream",
-    "test_a_new_context_length_is_not_a_recompile",
-    "test_compiles_each_kind_of_layer_once_with_outputs_equal_to_eager",
-    "test_verify_smoke_fails_on_a_tree_that_recompiles",
-    "test_verify_smoke_compiles_the_patched_tree",
-    "test_tiny_replay_writes_every_key_with_sane_values",
-    "test_forecasts_equal_those_without_it_bit_for_bit",
-    "test_patched_util_cache_and_forecasts_equal_the_installed_toto",
+    "test_toto_tree.py", "test_fidelity.py", "test_shared_prefill.py", "test_upstream_outcomes.py",
+    "test_cuda_graphs.py", "test_state_folder.py", "test_outdated.py", "test_hazards.py", "test_layer_region.py",
+    "test_reliability.py", "test_same_law.py", "test_interrupted_revert.py", "test_prefork.py",
+    "test_backtest_bench.py", "test_cst.py", "test_state_machine.py",
 )
+# ... and in test_toto_tree.py, the inductor smoke test first (its worker has the longest way to go)
+FIRST_IN_ITS_FILE = "test_verify_smoke_with_inductor_matches_eager"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -154,9 +153,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the longest compile tests first (see LONGEST_FIRST); the order of the others is unchanged."""
+    """Run the longest test files first (see LONGEST_FIRST); the order of the others, and in each file, is kept."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(getattr(item, "originalname", item.name), len(rank)))
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),
+                                 getattr(item, "originalname", item.name) != FIRST_IN_ITS_FILE))
 
 
 @pytest.fixture(autouse=True)

@@ -21,11 +21,10 @@ from whitespace_variants import ENDINGS, WHOLE, Case, build, cases, every_kind_a
 def _check(exact: Exact) -> None:
     module = exact.module
     assert exact.code == module.code
-    nodes = [*module.header, *module.body]
-    assert [exact.statement_code(i) for i in range(len(module.body))] == [module.code_for_node(s) for s in module.body]
+    codes = [module.code_for_node(node) for node in (*module.header, *module.body)]  # LibCST's, each written once
+    assert [exact.statement_code(i) for i in range(len(module.body))] == codes[len(module.header):]
     for index in range(len(module.body) + 1):
-        above = nodes[:len(module.header) + index]
-        assert exact.line_of(index) == sum(module.code_for_node(n).count("\n") for n in above)
+        assert exact.line_of(index) == sum(code.count("\n") for code in codes[:len(module.header) + index])
     if exact.code == "".join(exact.clean):  # proven: each statement's code is its lines of the text
         for index in range(len(module.body)):
             lines = "".join(exact.clean[exact.line_of(index):exact.line_of(index + 1)])
