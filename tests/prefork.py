@@ -24,6 +24,7 @@ import atexit
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -47,10 +48,15 @@ def _watched(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(WATCHED) and k not in HANDLED}
 
 
-LAUNCHER = '''\
-#!{python} -IS
+# the executable: a shell script (a shebang holds a path of at most 127 bytes on some kernels) that runs this
+# client in an isolated Python without site-packages
+EXECUTABLE = '''\
+#!/bin/sh
+exec {python} -IS {client} "$@"
+'''
+CLIENT = '''\
 import json, os, socket, sys
-REAL, SOCKET, WATCHED, HANDLED = {real!r}, {socket!r}, {watched!r}, {handled!r}
+REAL, SOCKET, WATCHED, HANDLED, EXECUTABLE = {real!r}, {socket!r}, {watched!r}, {handled!r}, {executable!r}
 SERVER_ENV = json.loads({server_env!r})
 args = sys.argv[1:]
 
@@ -65,7 +71,7 @@ if {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in H
     real()
 try:  # standard streams to hand over, a folder to start in, a server to ask
     [os.fstat(fd) for fd in (0, 1, 2)]
-    request = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.argv[0]}}
+    request = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "executable": EXECUTABLE}}
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(SOCKET)
 except OSError:
@@ -239,10 +245,10 @@ def python() -> str:
     if not ready or server.stdout.readline().strip() != "ready":
         _launcher = sys.executable
         return _launcher
-    launcher = folder / "python"
-    launcher.write_text(LAUNCHER.format(python=sys.executable, real=sys.executable, socket=str(sock),
-                                        watched=WATCHED, handled=HANDLED,
-                                        server_env=json.dumps(_watched(dict(os.environ)))))
+    launcher, client = folder / "python", folder / "client.py"
+    client.write_text(CLIENT.format(real=sys.executable, socket=str(sock), watched=WATCHED, handled=HANDLED,
+                                    executable=str(launcher), server_env=json.dumps(_watched(dict(os.environ)))))
+    launcher.write_text(EXECUTABLE.format(python=shlex.quote(sys.executable), client=shlex.quote(str(client))))
     launcher.chmod(0o755)
     _launcher = str(launcher)
     return _launcher
