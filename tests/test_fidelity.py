@@ -149,11 +149,11 @@ def _whole_tree_variant(data: bytes, kind: str) -> bytes:
         return text.replace("\n", "\r").encode()
     if kind == "crlf-bom-no-final-newline":
         return codecs.BOM_UTF8 + text.rstrip("\n").replace("\n", "\r\n").encode()
-    assert kind == "cookie"
-    return ("# -*- coding: latin-1 -*-\n# caf\xe9\n" + text).encode("latin-1")
+    newline = {"cookie": "\n", "cookie-crlf": "\r\n", "cookie-cr-only": "\r"}[kind]  # Python reads the cookie in each
+    return ("# -*- coding: latin-1 -*-\n# caf\xe9\n" + text).replace("\n", newline).encode("latin-1")
 
 
-@pytest.mark.parametrize("kind", ["cr-only", "crlf-bom-no-final-newline", "cookie"])
+@pytest.mark.parametrize("kind", ["cr-only", "crlf-bom-no-final-newline", "cookie", "cookie-crlf", "cookie-cr-only"])
 def test_every_patch_on_a_whole_tree_variant_applies_and_reverts_exactly(tmp_path: Path, cli, kind: str) -> None:
     root = tmp_path / "project"
     shutil.copytree(installed_toto_package(), root / "toto" / "toto", ignore=shutil.ignore_patterns("__pycache__"))
@@ -167,7 +167,8 @@ def test_every_patch_on_a_whole_tree_variant_applies_and_reverts_exactly(tmp_pat
     for path in targets:
         source = decode(path.read_bytes())
         assert path.read_bytes()[:3] == before[str(path.relative_to(root))][0][:3]
-        assert ("\r" in source.text) == (kind != "cookie") and ("\r\n" in source.text) == kind.startswith("crlf")
+        assert ("\r" in source.text) == (kind != "cookie") and ("\r\n" in source.text) == ("crlf" in kind)
+        assert codecs.lookup(source.encoding) == codecs.lookup("latin-1" if kind.startswith("cookie") else "utf-8")
     assert cli(root, "status", *PATCH_IDS, "--check").exit_code == 0
     assert cli(root, "verify", *PATCH_IDS).exit_code == 0
     assert cli(root, "revert", *PATCH_IDS).exit_code == 0
@@ -209,3 +210,17 @@ def test_a_block_marker_after_a_form_feed_is_at_python_s_column_0(patch_id: str,
         marked = text.replace(begin, prefix + begin, 1)
         out = patch.rewrite(marked, {})
         assert out.source == "".join(case.out).replace(begin, prefix + begin, 1) and not out.notes, case.name
+
+
+@pytest.mark.parametrize("ending", ENDINGS, ids=["lf", "cr", "crlf"])
+@pytest.mark.parametrize("above", ["", "#!/usr/bin/env python\n"], ids=["line-1", "line-2"])
+def test_the_encoding_cookie_is_read_as_python_reads_it_at_any_line_ending(ending: str, above: str) -> None:
+    """PEP 263: the cookie on line 1 or 2, whichever line ending splits them (a CR-only file's too)."""
+    text = (above + "# vim: set fileencoding=latin-1 :\nname = 'caf\xe9'\n").replace("\n", ending)
+    data = text.encode("latin-1")
+    namespace: dict = {}
+    exec(compile(data, "<cookie>", "exec"), namespace)  # Python's own reading of the bytes
+    source = decode(data)
+    assert codecs.lookup(source.encoding) == codecs.lookup("latin-1") and source.text == text
+    assert namespace["name"] == "caf\xe9"
+    assert source.encode(source.text) == data

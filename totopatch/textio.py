@@ -4,7 +4,6 @@ from __future__ import annotations
 import ast
 import codecs
 import functools
-import io
 import re
 import sys
 import tokenize
@@ -35,8 +34,9 @@ def decode(data: bytes) -> Source:
     """Split off a UTF-8 BOM and decode by the PEP 263 cookie; line endings stay as they are."""
     bom = data.startswith(_BOM)
     body = data[len(_BOM):] if bom else data
+    lines = iter(body.splitlines(keepends=True))  # CR, LF and CRLF end a line, as in Python's tokenizer
     try:
-        encoding, _ = tokenize.detect_encoding(io.BytesIO(body).readline)
+        encoding, _ = tokenize.detect_encoding(lambda: next(lines, b""))
         if encoding == "utf-8-sig":
             encoding = "utf-8"
         text = body.decode(encoding)
