@@ -34,14 +34,17 @@ import tempfile
 from pathlib import Path
 
 HERE = __file__
+SET_ON_IMPORT: dict[str, str] = {}
 # what toto 0.1.3-0.2.0 imports besides itself (the server imports them, never toto)
 PRELOAD = ("torch", "torch._dynamo", "numpy", "gluonts.torch.distributions", "einops", "jaxtyping",
            "rotary_embedding_torch", "huggingface_hub", "safetensors")
 # environment variables read when those libraries are imported: a child whose value differs is not forked
 WATCHED = ("TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "NUMEXPR", "CUDA", "NVIDIA", "TRITON",
            "LD_", "PYTHON", "HF_", "HUGGINGFACE", "LIGHTNING", "PL_", "GLUONTS", "JAX", "NUMPY", "SCIPY", "MPLBACKEND")
-# ... except these: set up in the child as Python does at start-up, or read only when a cache is first used
-HANDLED = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+# ... except these: set up in the child as Python does at start-up, or read only when first used (torch itself
+# sets the last three in a process that compiles or asks for CUDA, such as a test worker)
+HANDLED = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+           "PYTORCH_NVML_BASED_CUDA_CHECK")
 
 
 def _watched(env: dict[str, str]) -> dict[str, str]:
@@ -91,8 +94,11 @@ def serve(path: str) -> None:
     """Import PRELOAD, then fork a child for each request on the socket at ``path`` (until the parent dies)."""
     import importlib
 
+    before = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
+    global SET_ON_IMPORT  # what the imports put in the environment (lightning sets PYTORCH_NVML_BASED_CUDA_CHECK)
+    SET_ON_IMPORT = {k: v for k, v in os.environ.items() if before.get(k) != v}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(64)
@@ -167,6 +173,7 @@ def _run(request: dict, fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ.update(SET_ON_IMPORT)  # as those imports would have set them in a fresh process
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
 

@@ -46,6 +46,17 @@ def test_torch_is_imported_and_toto_is_not() -> None:
     assert (ran.returncode, ran.stdout) == (0, "False 3.0\n"), ran.stderr
 
 
+def test_a_variable_lightning_sets_in_the_worker_still_forks(monkeypatch) -> None:
+    """Importing toto imports lightning, which sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in the worker's environment;
+    a child is still forked (its ``sys.executable`` is the server's executable), and sees the variable as a
+    fresh python that imports lightning does."""
+    python = prefork.python()
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    program = "import os, sys; print(sys.executable, os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))"
+    ran = subprocess.run([python, "-c", program], capture_output=True, text=True, timeout=120)
+    assert ran.stdout == f"{python} 1\n", ran.stderr
+
+
 def test_interpreter_options_and_a_watched_variable_run_the_real_interpreter(tmp_path: Path) -> None:
     python = prefork.python()
     assert python != sys.executable  # the server started
