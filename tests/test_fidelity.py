@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
-from totopatch.patches import PATCHES, layer_region, rope_cache, shared_prefill
+from totopatch.patches import PATCHES, by_id, layer_region, rope_cache, shared_prefill
 from totopatch.textio import decode
 from whitespace_variants import (BLANKS, ENDINGS, FILES, GAPS, PREFIXES, TRAILING, WHOLE, Case, Edit, build, cases,
                                  check, every_kind_at, usable, whole_file)
@@ -203,7 +203,7 @@ def test_a_block_marker_after_a_form_feed_is_at_python_s_column_0(patch_id: str,
     """Whitespace ending in a form feed before a ``begin`` marker line: Python's tokenizer restarts the column
     there, so it is the same marker.  cuda-graphs finds shared-prefill's block under it (it used to refuse,
     naming only the end line), and a block patch's own block so written is left as it is, byte for byte."""
-    patch, begin = next(p for p in PATCHES if p.id == patch_id).load(), BLOCKS[patch_id].BEGIN
+    patch, begin = by_id(patch_id).load(), BLOCKS[patch_id].BEGIN
     for case in cases(patch_id):
         text = "".join(case.out if BLOCKS[patch_id].PATCH.id == patch_id else case.lines)
         assert text.count(begin) == 1, case.name

@@ -236,11 +236,17 @@ def clean_lines(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     for index, line in enumerate(lines):
         if line.endswith("\r"):
             line = line[:-1] + "\n"
-        cut = _FF_INDENT.match(line) if index not in in_string else None
-        if cut is not None and line[cut.end():]:
-            line = line[cut.end():]
+        cut = _cut(line) if index not in in_string else 0
+        if line[cut:]:
+            line = line[cut:]
         clean.append(line)
     return lines, tuple(clean)
+
+
+def _cut(line: str) -> int:
+    """Where ``line`` starts to Python's tokenizer: after its leading whitespace up to the last form feed in it."""
+    found = _FF_INDENT.match(line)
+    return found.end() if found else 0
 
 
 def _string_lines(text: str) -> frozenset[int]:
@@ -541,12 +547,6 @@ def line_block(lines: Sequence[str], tree: ast.Module, begin: str, end: str, pat
         raise Refusal(f"damaged {patch_id} block: its begin/end markers do not pair up",
                       tuple(i + 1 for i in begins + ends))
     return begins[0], ends[0]
-
-
-def _cut(line: str) -> int:
-    """Where ``line`` starts to Python's tokenizer: after its leading whitespace up to the last form feed in it."""
-    found = _FF_INDENT.match(line)
-    return found.end() if found else 0
 
 
 def top_level_imports(tree: ast.Module) -> set[str]:
