@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import event, given, settings, strategies as st
 
+import prefork
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
 from totopatch import render, transaction
 from totopatch.cli import main
@@ -63,7 +64,7 @@ def make_project(root: Path) -> Path:
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "totopatch", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([prefork.python("cli"), "-m", "totopatch", *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import prefork
 from conftest import SAMPLE_BACKTEST, snapshot
 
 CM = "compile-mode"
@@ -18,7 +19,7 @@ CRASH_POINTS = ["after-lock", "after-backup", "mid-write", "after-write", "befor
 
 
 def totopatch(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "totopatch", "--root", str(root), *args],
+    return subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(root), *args],
                           capture_output=True, text=True, env={**os.environ, **env})
 
 
@@ -69,7 +70,7 @@ def test_concurrent_runs_one_fails_fast_with_locked(project: Path, first_run: st
     """An apply started while another apply (or a revert) holds the lock fails fast."""
     if first_run == "revert":
         assert totopatch(project, "apply", CM).returncode == 0
-    first = subprocess.Popen([sys.executable, "-m", "totopatch", "--root", str(project), first_run, CM],
+    first = subprocess.Popen([prefork.python("cli"), "-m", "totopatch", "--root", str(project), first_run, CM],
                              env={**os.environ, "TOTOPATCH_TEST_PAUSE_AT": "after-lock:3"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20

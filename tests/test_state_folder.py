@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import prefork
 from conftest import SAMPLE_BACKTEST, Ran
 from totopatch.fsio import CRASH_POINTS
 
@@ -24,7 +25,7 @@ TRANSFORMER = Path("toto/toto/model/transformer.py")
 
 
 def totopatch(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "totopatch", "--root", str(root), *args],
+    return subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(root), *args],
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
