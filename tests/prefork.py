@@ -18,7 +18,8 @@ workers, ``verify --smoke``'s smoke test) are forked the same way.
 
 ``python("cli")`` does the same for ``python -m totopatch``: its server has imported the CLI, LibCST and
 every patch (about 0.4 s of a 0.5 s run), for the tests that run the CLI in a process of its own to kill
-it, pause it or race two of them. Its requests must not set PYTHONPATH, which could hold another totopatch.
+it, pause it or race two of them. A request whose PYTHONPATH holds a module the server imported from
+elsewhere (another totopatch, an earlier release) runs the real interpreter.
 
 Run as ``python prefork.py --serve SOCKET KIND``; the tests only call ``python()``.
 """
@@ -53,8 +54,7 @@ WATCHED = ("TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "NUM
 # sets the last three in a process that compiles or asks for CUDA, such as a test worker)
 HANDLED = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
            "PYTORCH_NVML_BASED_CUDA_CHECK")
-# ... except PYTHONPATH for the CLI's server, which has imported totopatch: a path that could hold another
-# totopatch (an earlier release, a worktree) runs the real interpreter
+# ... except PYTHONPATH for the CLI's server, which has imported totopatch: the client looks into its entries
 HANDLED_BY_KIND = {"torch": HANDLED, "cli": tuple(k for k in HANDLED if k != "PYTHONPATH")}
 
 
@@ -71,7 +71,7 @@ exec {python} -IS {client} "$@"
 CLIENT = '''\
 import json, os, socket, sys
 REAL, SOCKET, WATCHED, HANDLED, EXECUTABLE = {real!r}, {socket!r}, {watched!r}, {handled!r}, {executable!r}
-SERVER_ENV = json.loads({server_env!r})
+SERVER_ENV, ORIGINS = json.loads({server_env!r}), json.loads({origins!r})
 args = sys.argv[1:]
 
 
@@ -79,9 +79,23 @@ def real():
     os.execv(REAL, [REAL] + args)
 
 
+def shadows(entry):
+    """Whether a PYTHONPATH entry could hold a module the server imported from elsewhere (see ``ORIGINS``)."""
+    if not entry or (os.path.exists(entry) and not os.path.isdir(entry)):
+        return True  # the working folder, a zip file: not looked into
+    try:
+        names = os.listdir(entry)
+    except OSError:
+        return False  # nothing there
+    here = os.path.realpath(entry)
+    return any(ORIGINS.get(name.split(".")[0], here) != here for name in names)
+
+
 if not args or (args[0].startswith("-") and (args[0] not in ("-m", "-c") or len(args) < 2)):
     real()
-if {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in HANDLED}} != SERVER_ENV:
+env = {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in HANDLED}}
+path = env.pop("PYTHONPATH", None) if ORIGINS else None  # the child puts it on sys.path, unless it shadows
+if (path is not None and any(map(shadows, path.split(os.pathsep)))) or env != SERVER_ENV:
     real()
 try:  # standard streams to hand over, a folder to start in, a server to ask
     [os.fstat(fd) for fd in (0, 1, 2)]
@@ -123,7 +137,15 @@ def serve(path: str, kind: str) -> None:
     listener.settimeout(1.0)
     parent = os.getppid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
-    print("ready", flush=True)
+    # where each top-level module the server imported came from: a PYTHONPATH entry holding one of them from
+    # elsewhere would have shadowed it in a fresh process (for the CLI's server, which does not ignore PYTHONPATH)
+    origins = {}
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None)
+        if "." not in name and where:
+            package = hasattr(module, "__path__")
+            origins[name] = os.path.realpath(os.path.dirname(os.path.dirname(where) if package else where))
+    print("ready", json.dumps(origins), flush=True)
     while os.getppid() == parent:
         try:
             conn, _ = listener.accept()
@@ -271,17 +293,19 @@ def python(kind: str = "torch") -> str:
                               stderr=subprocess.DEVNULL, env=env, text=True)
     atexit.register(_stop, server, folder)
     ready, _, _ = select.select([server.stdout], [], [], 300)
-    if not ready or server.stdout.readline().strip() != "ready":
+    word, _, origins = server.stdout.readline().partition(" ") if ready else ("", "", "")
+    if word != "ready":
         _launchers[kind] = sys.executable
         return sys.executable
     handled = HANDLED_BY_KIND[kind]
     caller = dict(os.environ)  # what a request's environment is compared with
     if kind == "cli":
-        caller.pop("PYTHONPATH", None)  # the server runs without it, and so must a request
+        caller.pop("PYTHONPATH", None)  # the server runs without it; the client looks into a request's
     compared = _watched(caller, handled)
     launcher, client = folder / "python", folder / "client.py"
     client.write_text(CLIENT.format(real=sys.executable, socket=str(sock), watched=WATCHED, handled=handled,
-                                    executable=str(launcher), server_env=json.dumps(compared)))
+                                    executable=str(launcher), server_env=json.dumps(compared),
+                                    origins=origins.strip() if kind == "cli" else "{}"))
     launcher.write_text(EXECUTABLE.format(python=shlex.quote(sys.executable), client=shlex.quote(str(client))))
     launcher.chmod(0o755)
     _launchers[kind] = str(launcher)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 
 from conftest import SAMPLE_BACKTEST, snapshot
@@ -195,7 +196,7 @@ def test_force_revert_saves_the_users_version_aside(project, cli) -> None:
 
 
 def test_python_dash_m_runs_the_cli(project) -> None:
-    proc = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "status", CM, "--json"],
+    proc = subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(project), "status", CM, "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["items"][0]["state"] == "not-applied"

@@ -8,15 +8,14 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
+import prefork
 import pytest
 from click.testing import CliRunner
 from hypothesis import event, given, settings, strategies as st
 
-import prefork
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
 from totopatch import render, transaction
 from totopatch.cli import main

@@ -5,9 +5,9 @@ import json
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
+import prefork
 import pytest
 
 from totopatch.render import color_diff
@@ -32,7 +32,7 @@ def run(project: Path, *args: str, tty: bool, no_color_env: str | None = None) -
     env["PYTHONPATH"] = str(REPO)
     if no_color_env is not None:
         env["NO_COLOR"] = no_color_env
-    argv = [sys.executable, "-m", "totopatch", "--root", str(project), *args]
+    argv = [prefork.python("cli"), "-m", "totopatch", "--root", str(project), *args]
     if not tty:
         return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     leader, follower = pty.openpty()

@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
+import prefork
 import pytest
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, snapshot
@@ -46,7 +46,7 @@ def reinstall(site: Path, version: str) -> None:
 def totopatch(*args: str, cwd: Path | None = None, site: Path | None = None,
               timeout: float = 120) -> subprocess.CompletedProcess[str]:
     path = os.pathsep.join(str(p) for p in (site, WORKTREE) if p is not None)
-    return subprocess.run([sys.executable, "-m", "totopatch", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([prefork.python("cli"), "-m", "totopatch", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONPATH": path}, timeout=timeout)
 
 
@@ -196,7 +196,7 @@ def test_uninstalled_package_leftovers_are_cleaned_and_not_claimed(tmp_path: Pat
 
 
 def test_status_and_verify_agree_after_a_kill(project: Path) -> None:
-    killed = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "apply", CM],
+    killed = subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(project), "apply", CM],
                             capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(WORKTREE), "TOTOPATCH_TEST_CRASH_AT": "after-write"})
     assert killed.returncode < 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import prefork
 import pytest
 
 from conftest import project_file, upstream_bytes
@@ -28,8 +28,8 @@ EDITS = {
                          + [("util", "first-line", "before-manifest")])
 def test_the_next_revert_finishes_it_and_keeps_the_edit(project: Path, cli, key: str, edit: str, point: str) -> None:
     assert cli(project, "apply").exit_code == 0
-    killed = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "revert"], capture_output=True,
-                            text=True, timeout=300,
+    killed = subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(project), "revert"],
+                            capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO), "TOTOPATCH_TEST_CRASH_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     path = project / project_file(key)

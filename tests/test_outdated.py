@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import prefork
 import pytest
 
 from conftest import SAMPLE_BACKTEST, installed_toto_package, make_outdated, project_file, upstream_bytes
@@ -144,7 +145,7 @@ def test_an_update_killed_at_any_point_is_finished_by_the_next_apply(project: Pa
                                                                      point: str) -> None:
     with earlier_totopatch(monkeypatch, "shared-prefill"):
         assert cli(project, "apply", "shared-prefill", "cuda-graphs").exit_code == 0
-    killed = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "apply", "cuda-graphs"],
+    killed = subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(project), "apply", "cuda-graphs"],
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO), "TOTOPATCH_TEST_CRASH_AT": point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -293,7 +294,7 @@ def test_the_previous_release_s_tree_is_updated(project: Path, tmp_path: Path) -
         pytest.skip(f"this checkout has no history with {PREVIOUS_RELEASE}; the constructed tests above hold the kind")
 
     def run(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), *args],
+        return subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(project), *args],
                               capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(path)},
                               timeout=300)
 

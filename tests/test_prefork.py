@@ -67,6 +67,22 @@ def test_a_pythonpath_with_another_totopatch_gives_what_a_fresh_python_gives(tmp
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
 
 
+def test_a_pythonpath_shadowing_a_module_the_cli_s_server_imported_runs_the_real_interpreter(tmp_path: Path) -> None:
+    """An entry that holds none of the server's modules is put on the child's path; one that holds one of them
+    (here a ``click``) would have shadowed it in a fresh process, so a fresh process runs."""
+    python = prefork.python("cli")
+    harmless, shadowing = tmp_path / "harmless", tmp_path / "shadowing"
+    for folder in (harmless, shadowing):
+        folder.mkdir()
+        (folder / "probe_helper.py").write_text(f"WHERE = {folder.name!r}")
+    (shadowing / "click.py").write_text("SHADOW = True")
+    program = "import sys, click, probe_helper; print(sys.executable, probe_helper.WHERE, hasattr(click, 'SHADOW'))"
+    for folder, executable in ((harmless, python), (shadowing, sys.executable)):
+        env = {**os.environ, "PYTHONPATH": str(folder)}
+        ran = subprocess.run([python, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+        assert ran.stdout == f"{executable} {folder.name} {folder == shadowing}\n", ran.stderr
+
+
 @pytest.mark.parametrize("kind", ["torch", "cli"])
 def test_a_killed_caller_takes_the_process_running_its_script_with_it(kind: str, tmp_path: Path) -> None:
     """What ``subprocess.run(..., timeout=...)`` does on a timeout: kill the process it started, which for a fresh

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import prefork
 import pytest
 
-import prefork
 from conftest import SAMPLE_BACKTEST, snapshot
 
 CM = "compile-mode"

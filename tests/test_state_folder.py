@@ -10,12 +10,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import prefork
 import pytest
 
-import prefork
 from conftest import SAMPLE_BACKTEST, Ran
 from totopatch.fsio import CRASH_POINTS
 

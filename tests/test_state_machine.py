@@ -44,13 +44,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import prefork
 import pytest
 from hypothesis import HealthCheck, Phase, seed, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -324,7 +324,7 @@ class TotopatchMachine(RuleBasedStateMachine):
         def run() -> None:
             env = {**os.environ, "TOTOPATCH_TEST_CRASH_AT": point,
                    "PYTHONPATH": os.pathsep.join(filter(None, (str(WORKTREE), os.environ.get("PYTHONPATH"))))}
-            ran = subprocess.run([sys.executable, "-m", "totopatch", "--root", str(self.root), *command],
+            ran = subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(self.root), *command],
                                  capture_output=True, text=True, env=env, timeout=300)
             if "Traceback" in ran.stderr or (ran.returncode not in DOCUMENTED_CODES
                                              and ran.returncode != -signal.SIGKILL):

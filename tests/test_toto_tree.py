@@ -106,7 +106,7 @@ def site_packages_copy(tmp_path: Path, version: str = "0.2.0") -> Path:
 
 def run_installed(site: Path, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(site), str(Path(__file__).resolve().parent.parent)))}
-    return subprocess.run([sys.executable, "-m", "totopatch", "--root", str(project), "--installed", *args],
+    return subprocess.run([prefork.python("cli"), "-m", "totopatch", "--root", str(project), "--installed", *args],
                           capture_output=True, text=True, env=env)
 
 
