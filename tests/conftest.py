@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from totopatch.cli import main
+from totopatch import textio
+from totopatch.patches import _cst
 from totopatch.layout import TARGETS, installed_toto
 
 SAMPLE_BACKTEST = resources.files("totopatch").joinpath("data/sample_backtest.py.txt").read_bytes()
@@ -164,3 +167,12 @@ def _no_crash_hook(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Tem
     monkeypatch.delenv("TOTOPATCH_SAMPLING", raising=False)  # a user's choice must not change what tests sample
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("user-state")))  # --installed state
     monkeypatch.chdir(os.getcwd())
+
+
+# The tests parse the same few upstream files again and again, with the hypothesis sweeps' hundreds of variants
+# in between. totopatch keeps the parses of the last 16 texts (LibCST) and 8 (Python's ast), what one CLI run
+# needs; the tests keep 128 of each. The results are the same (a parse is a pure function of the text, and
+# neither tree is changed after it is made); the in-process test files run about 20 % faster, with about
+# 150 MB more in each worker (2026-12-01, this project's 2-core machine).
+_cst.parse_exact = functools.lru_cache(maxsize=128)(_cst.parse_exact.__wrapped__)
+textio._parse = functools.lru_cache(maxsize=128)(textio._parse.__wrapped__)
