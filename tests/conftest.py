@@ -129,16 +129,16 @@ def cli():
 
 
 # The test files, longest first: the sum of their tests' durations in seconds on the 2-core machine (2026-12-01,
-# inductor's cache empty): 130 (the inductor smoke test alone 93), 49, 40, 35, 29, 25, 21, 19, 18, 17, 16, 13, 13,
-# 11, 11, 11; the others under 10. xdist hands out whole files (setup.cfg: --dist loadfile, so that a file's
+# inductor's cache empty): 85 (the inductor smoke test alone 50), 40, 38, 32, 23, 16, 13, 13, 10, 9, 9, 9, 7, 7,
+# 6, 6; the others under 6. xdist hands out whole files (setup.cfg: --dist loadfile, so that a file's
 # module-scoped fixtures, forecast servers and patched trees, are built once) in the order of their first test
 # (--no-loadscope-reorder; xdist would order them by their count of tests). Longest first spreads the long files
 # over the workers and leaves the short ones to fill in at the end, where the run waits for its last worker.
 LONGEST_FIRST = (
-    "test_toto_tree.py", "test_fidelity.py", "test_shared_prefill.py", "test_upstream_outcomes.py",
-    "test_cuda_graphs.py", "test_state_folder.py", "test_outdated.py", "test_hazards.py", "test_layer_region.py",
-    "test_reliability.py", "test_same_law.py", "test_interrupted_revert.py", "test_prefork.py",
-    "test_backtest_bench.py", "test_cst.py", "test_state_machine.py",
+    "test_toto_tree.py", "test_upstream_outcomes.py", "test_fidelity.py", "test_shared_prefill.py",
+    "test_cuda_graphs.py", "test_layer_region.py", "test_backtest_bench.py", "test_same_law.py", "test_outdated.py",
+    "test_reliability.py", "test_state_folder.py", "test_state_machine.py", "test_prefork.py", "test_hazards.py",
+    "test_agreement.py", "test_rope_cache.py",
 )
 # ... and in test_toto_tree.py, the inductor smoke test first (its worker has the longest way to go)
 FIRST_IN_ITS_FILE = "test_verify_smoke_with_inductor_matches_eager"
