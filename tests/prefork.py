@@ -80,7 +80,8 @@ def real():
 
 
 def shadows(entry):
-    """Whether a PYTHONPATH entry could hold a module the server imported from elsewhere (see ``ORIGINS``)."""
+    """Whether a PYTHONPATH entry holds what a fresh python runs at start-up (``sitecustomize``), or a module
+    the server imported from elsewhere (``ORIGINS``: the CLI's server only, whose totopatch could differ)."""
     if not entry or (os.path.exists(entry) and not os.path.isdir(entry)):
         return True  # the working folder, a zip file: not looked into
     try:
@@ -88,14 +89,17 @@ def shadows(entry):
     except OSError:
         return False  # nothing there
     here = os.path.realpath(entry)
-    return any(ORIGINS.get(name.split(".")[0], here) != here for name in names)
+    stems = {{name.split(".")[0] for name in names}}
+    return bool(stems & {{"sitecustomize", "usercustomize"}}) or any(ORIGINS.get(s, here) != here for s in stems)
 
 
 if not args or (args[0].startswith("-") and (args[0] not in ("-m", "-c") or len(args) < 2)):
     real()
 env = {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in HANDLED}}
-path = env.pop("PYTHONPATH", None) if ORIGINS else None  # the child puts it on sys.path, unless it shadows
-if (path is not None and any(map(shadows, path.split(os.pathsep)))) or env != SERVER_ENV:
+env.pop("PYTHONPATH", None)  # the child puts it on sys.path, unless an entry shadows
+if "PYTHONPATH" in os.environ and any(map(shadows, os.environ["PYTHONPATH"].split(os.pathsep))):
+    real()
+if env != SERVER_ENV:
     real()
 try:  # standard streams to hand over, a folder to start in, a server to ask
     [os.fstat(fd) for fd in (0, 1, 2)]

@@ -84,6 +84,17 @@ def test_a_pythonpath_shadowing_a_module_the_cli_s_server_imported_runs_the_real
 
 
 @pytest.mark.parametrize("kind", ["torch", "cli"])
+def test_a_sitecustomize_on_pythonpath_runs_as_in_a_fresh_python(kind: str, tmp_path: Path) -> None:
+    """A fresh python runs a ``sitecustomize`` it finds on PYTHONPATH at start-up; a forked child could not."""
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['SITE_RAN'] = 'yes'\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    program = "import os; print(os.environ.get('SITE_RAN'))"
+    forked, fresh = (subprocess.run([exe, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+                     for exe in (prefork.python(kind), sys.executable))
+    assert fresh.stdout == "yes\n" and (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
+
+
+@pytest.mark.parametrize("kind", ["torch", "cli"])
 def test_a_killed_caller_takes_the_process_running_its_script_with_it(kind: str, tmp_path: Path) -> None:
     """What ``subprocess.run(..., timeout=...)`` does on a timeout: kill the process it started, which for a fresh
     ``python`` is the one running the script; for a forked child, the server kills it (and its process group)."""
