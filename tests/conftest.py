@@ -13,10 +13,10 @@ import prefork
 import pytest
 from click.testing import CliRunner
 
-from totopatch.cli import main
 from totopatch import textio
-from totopatch.patches import _cst
+from totopatch.cli import main
 from totopatch.layout import TARGETS, installed_toto
+from totopatch.patches import _cst
 
 SAMPLE_BACKTEST = resources.files("totopatch").joinpath("data/sample_backtest.py.txt").read_bytes()
 
