@@ -27,7 +27,7 @@ PROGRAMS = {
 
 def run(python: str, args: list[str], tmp_path: Path, kind: str = "torch") -> tuple[int, str, str]:
     env = {**os.environ, "PREFORK_PROBE": "yes"}
-    if kind == "torch":  # the CLI's server runs the real interpreter for any PYTHONPATH (see the last test)
+    if kind == "torch":  # the CLI's server looks into a PYTHONPATH (tests below); these probes leave it out
         env["PYTHONPATH"] = str(tmp_path / "prefork-probe")
     ran = subprocess.run([python, *args], input="in", capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=120)
