@@ -44,6 +44,32 @@ def test_a_forked_child_is_what_a_fresh_python_gives(program: str, how: str, kin
     assert run(prefork.python(kind), args, tmp_path, kind) == run(sys.executable, args, tmp_path, kind)
 
 
+def test_torch_is_imported_and_toto_is_not() -> None:
+    program = "import sys, torch; print('toto' in sys.modules, torch.ones(3).sum().item())"
+    ran = subprocess.run([prefork.python(), "-c", program], capture_output=True, text=True, timeout=120)
+    assert (ran.returncode, ran.stdout) == (0, "False 3.0\n"), ran.stderr
+
+
+def test_a_variable_lightning_sets_in_the_worker_still_forks(monkeypatch) -> None:
+    """Importing toto imports lightning, which sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in the worker's environment;
+    a child is still forked (its ``sys.executable`` is the server's executable), and sees the variable as a
+    fresh python that imports lightning does."""
+    python = prefork.python()
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    program = "import os, sys; print(sys.executable, os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))"
+    ran = subprocess.run([python, "-c", program], capture_output=True, text=True, timeout=120)
+    assert ran.stdout == f"{python} 1\n", ran.stderr
+
+
+def test_interpreter_options_and_a_watched_variable_run_the_real_interpreter(tmp_path: Path) -> None:
+    python = prefork.python()
+    assert python != sys.executable  # the server started
+    probe = "import sys, os; print(sys.flags.optimize, os.environ.get('TORCH_LOGS'))"
+    assert subprocess.run([python, "-O", "-c", probe], capture_output=True, text=True).stdout == "1 None\n"
+    env = {**os.environ, "TORCH_LOGS": "recompiles"}
+    assert subprocess.run([python, "-c", probe], capture_output=True, text=True, env=env).stdout == "0 recompiles\n"
+
+
 def test_the_cli_s_child_is_forked_and_runs_totopatch_as_a_fresh_python_does(tmp_path: Path) -> None:
     python = prefork.python("cli")
     program = "import sys; print(sys.executable, 'libcst' in sys.modules, 'torch' in sys.modules)"
