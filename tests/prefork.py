@@ -54,12 +54,11 @@ WATCHED = ("TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO", "NUM
 # sets the last three in a process that compiles or asks for CUDA, such as a test worker)
 HANDLED = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
            "PYTORCH_NVML_BASED_CUDA_CHECK")
-# ... except PYTHONPATH for the CLI's server, which has imported totopatch: the client looks into its entries
-HANDLED_BY_KIND = {"torch": HANDLED, "cli": tuple(k for k in HANDLED if k != "PYTHONPATH")}
+# (PYTHONPATH's entries are looked into by the client: see ``shadows`` in CLIENT)
 
 
-def _watched(env: dict[str, str], handled: tuple[str, ...] = HANDLED) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(WATCHED) and k not in handled}
+def _watched(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(WATCHED) and k not in HANDLED}
 
 
 # the executable: a shell script (a shebang holds a path of at most 127 bytes on some kernels) that runs this
@@ -95,11 +94,9 @@ def shadows(entry):
 
 if not args or (args[0].startswith("-") and (args[0] not in ("-m", "-c") or len(args) < 2)):
     real()
-env = {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in HANDLED}}
-env.pop("PYTHONPATH", None)  # the child puts it on sys.path, unless an entry shadows
 if "PYTHONPATH" in os.environ and any(map(shadows, os.environ["PYTHONPATH"].split(os.pathsep))):
-    real()
-if env != SERVER_ENV:
+    real()  # otherwise the child puts it on sys.path
+if {{k: v for k, v in os.environ.items() if k.startswith(WATCHED) and k not in HANDLED}} != SERVER_ENV:
     real()
 try:  # standard streams to hand over, a folder to start in, a server to ask
     [os.fstat(fd) for fd in (0, 1, 2)]
@@ -301,14 +298,9 @@ def python(kind: str = "torch") -> str:
     if word != "ready":
         _launchers[kind] = sys.executable
         return sys.executable
-    handled = HANDLED_BY_KIND[kind]
-    caller = dict(os.environ)  # what a request's environment is compared with
-    if kind == "cli":
-        caller.pop("PYTHONPATH", None)  # the server runs without it; the client looks into a request's
-    compared = _watched(caller, handled)
     launcher, client = folder / "python", folder / "client.py"
-    client.write_text(CLIENT.format(real=sys.executable, socket=str(sock), watched=WATCHED, handled=handled,
-                                    executable=str(launcher), server_env=json.dumps(compared),
+    client.write_text(CLIENT.format(real=sys.executable, socket=str(sock), watched=WATCHED, handled=HANDLED,
+                                    executable=str(launcher), server_env=json.dumps(_watched(dict(os.environ))),
                                     origins=origins.strip() if kind == "cli" else "{}"))
     launcher.write_text(EXECUTABLE.format(python=shlex.quote(sys.executable), client=shlex.quote(str(client))))
     launcher.chmod(0o755)
